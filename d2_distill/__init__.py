@@ -1,0 +1,1 @@
+"""d2_distill: knowledge distillation for detectron2 detectors."""

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtual environment in .venv and installs
+# everything d2_distill needs: torch, torchvision, detectron2, the pure-Python
+# dependencies, pytest and the package itself in editable mode.
+#
+# Idempotent: a second run checks each part with one import and skips it.
+# Called by `make test` and `make demo`; safe to run by hand.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${D2_DISTILL_VENV:-$ROOT/.venv}"
+PY_BOOT="${PYTHON:-python3}"
+
+TORCH_VERSION=2.14.1
+TORCHVISION_VERSION=0.29.1
+D2_WHEEL=sal_detectron2-0.7.2-cp310-none-any.whl
+D2_SHA256=491af0c7f79bdb2d178e46f6cb16a97c4ac968d45c41ea3f6b6435d59bbee561
+
+say() { echo "[setup] $*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating virtual environment $VENV"
+  "$PY_BOOT" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check -q)
+
+if ! "$PY" -c 'import wheel, setuptools, sys; import importlib.metadata as m; sys.exit(int(m.version("setuptools").split(".")[0]) >= 81)' 2>/dev/null; then
+  say "installing build tools (setuptools<81: detectron2 imports pkg_resources)"
+  "${PIP[@]}" install --upgrade "pip<25" wheel "setuptools<81"
+fi
+
+if ! "$PY" -c "import torch, torchvision, sys; sys.exit(not (torch.__version__.startswith('$TORCH_VERSION') and torchvision.__version__.startswith('$TORCHVISION_VERSION')))" 2>/dev/null; then
+  say "installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION"
+  "${PIP[@]}" install "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+fi
+
+# detectron2: an importable one wins (e.g. upstream installed from GitHub);
+# otherwise the PyPI upload of upstream commit a59f0563, repacked without its
+# compiled extension (built for another torch) and its stray `tools` package.
+if ! "$PY" -c 'import detectron2' 2>/dev/null; then
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  say "downloading $D2_WHEEL"
+  "${PIP[@]}" download --no-deps --only-binary=:all: --python-version 3.10 \
+      "sal-detectron2==0.7.2" -d "$work/dl"
+  got="$(sha256sum "$work/dl/$D2_WHEEL" | cut -d' ' -f1)"
+  if [ "$got" != "$D2_SHA256" ]; then
+    echo "[setup] ERROR: $D2_WHEEL has sha256 $got, expected $D2_SHA256." >&2
+    echo "[setup] Refusing to install an unverified detectron2. Install upstream detectron2 yourself (see README) and re-run." >&2
+    exit 1
+  fi
+  say "sha256 verified; repacking without detectron2/_C and tools/"
+  "$PY" -m wheel unpack -d "$work/unpacked" "$work/dl/$D2_WHEEL" >/dev/null
+  pkg="$work/unpacked/sal_detectron2-0.7.2"
+  rm -rf "$pkg"/tools "$pkg"/detectron2/_C*.so
+  info="$pkg/sal_detectron2-0.7.2.dist-info"
+  sed -i -e '/^tools\//d' -e '/^detectron2\/_C.*\.so,/d' "$info/RECORD"
+  sed -i -e '/^tools$/d' "$info/top_level.txt"
+  sed -i -e 's/^Root-Is-Purelib: .*/Root-Is-Purelib: true/' -e 's/^Tag: .*/Tag: py3-none-any/' "$info/WHEEL"
+  mkdir -p "$work/packed"; "$PY" -m wheel pack -d "$work/packed" "$pkg" >/dev/null
+  "${PIP[@]}" install --no-deps "$work"/packed/*.whl
+fi
+
+# Everything else comes from setup.py (pure-Python pins) plus the test runner.
+if ! "$PY" -c 'import d2_distill, pytest, fvcore, iopath, pycocotools, cv2, matplotlib' 2>/dev/null; then
+  say "installing d2_distill (editable) and its dependencies"
+  "${PIP[@]}" install -e "$ROOT[test]"
+fi
+say "environment ready: $VENV ($("$PY" -c 'import torch, detectron2; print("torch", torch.__version__, "detectron2", detectron2.__version__)'))"
