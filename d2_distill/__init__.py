@@ -1,1 +1,10 @@
-"""d2_distill: knowledge distillation for detectron2 detectors."""
+"""d2_distill: knowledge distillation for detectron2 detectors (TAR, TBD).
+
+Importing the package registers the Distiller meta-architecture, the methods
+and the built-in shapes datasets with detectron2.
+"""
+from .config import add_distill_config
+from . import data  # noqa: F401  (registers shapes_* datasets)
+from . import modeling  # noqa: F401  (registers the Distiller meta-architecture)
+
+__all__ = ["add_distill_config"]

@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Train or evaluate a detector, plain or distilled, the detectron2 way.
+
+    python train_net.py --config-file configs/quickstart/tar_faster_rcnn.yaml
+    python train_net.py --config-file ... --num-gpus 8
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file ... --resume
+"""
+import logging
+
+import detectron2.utils.comm as comm
+from detectron2.engine import default_argument_parser, hooks, launch
+
+from d2_distill.engine import DistillCheckpointer, DistillTrainer, setup_cfg
+
+
+def main(args):
+    cfg = setup_cfg(args.config_file, args.opts, args)
+    if args.eval_only:
+        model = DistillTrainer.build_model(cfg)
+        DistillCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = DistillTrainer.test(cfg, model)
+        if cfg.DISTILL.EVAL.TEACHER and hasattr(model, "teacher"):
+            logging.getLogger("d2_distill").info("Evaluating the teacher")
+            results = {"student": results, "teacher": DistillTrainer.test(cfg, model.teacher.model)}
+        return results
+
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
