@@ -1,5 +1,5 @@
 """Distillation methods. Importing this package registers them by DISTILL.METHOD name."""
 from .base import DISTILL_METHOD_REGISTRY, DistillMethod, DistillStep, FeatureImitation
-from . import feature, tar  # noqa: F401  (registers FEATURE, TAR)
+from . import feature, tar, tbd  # noqa: F401  (registers FEATURE, TAR, TBD)
 
 __all__ = ["DISTILL_METHOD_REGISTRY", "DistillMethod", "DistillStep", "FeatureImitation"]
