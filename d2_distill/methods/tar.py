@@ -37,7 +37,8 @@ def _class_deltas(deltas: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """(R, 4K) class-specific or (R, 4) agnostic deltas -> (R, 4) for ``classes``."""
     if deltas.shape[1] == 4:
         return deltas
-    return deltas.view(deltas.shape[0], -1, 4)[torch.arange(deltas.shape[0], device=deltas.device), classes]
+    rows = deltas.shape[0]
+    return deltas.view(rows, deltas.shape[1] // 4, 4)[torch.arange(rows, device=deltas.device), classes]
 
 
 @register_method("TAR")

@@ -1,0 +1,148 @@
+"""TAR through the user's path (quickstart config -> Distiller -> trainer)."""
+import pytest
+import torch
+from detectron2.utils.events import EventStorage
+
+from helpers import build, cfg_for, fake_batch, train
+
+
+def _count_calls(module):
+    calls = []
+    module.register_forward_pre_hook(lambda m, args: calls.append(args))
+    return calls
+
+
+def _step(model, batch, it=0):
+    model.train()
+    with EventStorage(it):
+        return model(batch)
+
+
+def test_teacher_box_pooler_gets_exactly_the_students_sampled_boxes(frcnn_teacher_weights):
+    model = build(cfg_for("tar_faster_rcnn.yaml", teacher=frcnn_teacher_weights))
+    student_calls = _count_calls(model.student.roi_heads.box_pooler)
+    teacher_calls = _count_calls(model.teacher.model.roi_heads.box_pooler)
+    predictor_calls = _count_calls(model.student.roi_heads.box_predictor)
+    losses = _step(model, fake_batch(2))
+    assert len(student_calls) == len(teacher_calls) == 1
+    assert len(predictor_calls) == 1  # student predictions are recorded, not recomputed
+    s_boxes, t_boxes = student_calls[0][1], teacher_calls[0][1]
+    assert len(s_boxes) == len(t_boxes) == 2
+    for s, t in zip(s_boxes, t_boxes):
+        assert len(s) > 0 and torch.equal(s.tensor, t.tensor)
+    assert {"loss_tar_feat", "loss_tar_cls", "loss_tar_reg"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize(
+    "off, absent",
+    [
+        (["DISTILL.TAR.FEAT_WEIGHT", "0.0"], "loss_tar_feat"),
+        (["DISTILL.TAR.CLS_WEIGHT", "0.0"], "loss_tar_cls"),
+        (["DISTILL.TAR.REG_WEIGHT", "0.0"], "loss_tar_reg"),
+    ],
+)
+def test_zero_weight_component_is_not_computed(frcnn_teacher_weights, off, absent):
+    model = build(cfg_for("tar_faster_rcnn.yaml", *off, teacher=frcnn_teacher_weights))
+    losses = _step(model, fake_batch(2))
+    assert absent not in losses
+    assert len([k for k in losses if k.startswith("loss_tar_")]) == 2
+
+
+def test_head_terms_off_never_run_teacher_box_head(frcnn_teacher_weights):
+    cfg = cfg_for("tar_faster_rcnn.yaml", "DISTILL.TAR.CLS_WEIGHT", "0.0", "DISTILL.TAR.REG_WEIGHT", "0.0",
+                  teacher=frcnn_teacher_weights)
+    model = build(cfg)
+    box_head_calls = _count_calls(model.teacher.model.roi_heads.box_head)
+    pooler_calls = _count_calls(model.teacher.model.roi_heads.box_pooler)
+    rpn_calls = _count_calls(model.teacher.model.proposal_generator)
+    losses = _step(model, fake_batch(2))
+    assert not box_head_calls and not pooler_calls and not rpn_calls
+    assert set(k for k in losses if k.startswith("loss_tar")) == {"loss_tar_feat"}
+    assert model.method.feature is not None and not model.method.heads_on
+
+
+def test_all_weights_zero_skips_the_teacher(frcnn_teacher_weights):
+    cfg = cfg_for("tar_faster_rcnn.yaml", "DISTILL.TAR.FEAT_WEIGHT", "0.0", "DISTILL.TAR.CLS_WEIGHT", "0.0",
+                  "DISTILL.TAR.REG_WEIGHT", "0.0", teacher=frcnn_teacher_weights)
+    model = build(cfg)
+    backbone_calls = _count_calls(model.teacher.model.backbone)
+    losses = _step(model, fake_batch(2))
+    assert not backbone_calls and not any(k.startswith("loss_tar") for k in losses)
+    assert not list(model.method.parameters())
+
+
+def test_losses_finite_without_ground_truth(frcnn_teacher_weights):
+    model = build(cfg_for("tar_faster_rcnn.yaml", teacher=frcnn_teacher_weights))
+    losses = _step(model, fake_batch(2, boxes_per_image=0))
+    for k in ("loss_tar_feat", "loss_tar_cls", "loss_tar_reg"):
+        assert torch.isfinite(losses[k]) and losses[k] == 0, k
+    sum(losses.values()).backward()
+    # the adapters stay in the graph (DDP sees them used) even with an all-zero mask
+    assert all(p.grad is not None for p in model.method.parameters())
+
+
+def test_decay_is_the_default_schedule(frcnn_teacher_weights):
+    model = build(cfg_for("tar_faster_rcnn.yaml", teacher=frcnn_teacher_weights, iters=4))
+    assert model.schedule_kind == "linear"
+    assert [model.schedule_factor(t) for t in (0, 2, 4)] == [1.0, 0.5, 0.0]
+
+
+def test_proposals_both_adds_teacher_proposals(frcnn_teacher_weights, monkeypatch):
+    from detectron2.modeling.roi_heads import StandardROIHeads
+
+    seen = []
+    original = StandardROIHeads.label_and_sample_proposals
+
+    def spy(self, proposals, targets):
+        seen.append([len(p) for p in proposals])
+        return original(self, proposals, targets)
+
+    monkeypatch.setattr(StandardROIHeads, "label_and_sample_proposals", spy)  # before the recorder wraps it
+    model = build(cfg_for("tar_faster_rcnn.yaml", "DISTILL.TAR.PROPOSALS", "both",
+                          "DISTILL.TAR.TEACHER_PROPOSALS_TOPK", "7", teacher=frcnn_teacher_weights))
+    rpn_calls = _count_calls(model.teacher.model.proposal_generator)
+    student_rpn = []
+    model.student.proposal_generator.register_forward_hook(lambda m, i, o: student_rpn.append([len(p) for p in o[0]]))
+    losses = _step(model, fake_batch(2))
+    assert len(rpn_calls) == 1
+    assert seen == [[n + 7 for n in student_rpn[0]]]
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ["MODEL.MASK_ON", "True"],  # Mask R-CNN student: the mask head trains normally
+        ["MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True"],  # class-agnostic box regression
+    ],
+    ids=["mask_rcnn", "class_agnostic"],
+)
+def test_student_variants_train(frcnn_teacher_weights, tmp_path, opts):
+    trainer = train(cfg_for("tar_faster_rcnn.yaml", *opts, teacher=frcnn_teacher_weights, out_dir=tmp_path, iters=2))
+    keys = set(trainer.storage.histories())
+    assert {"loss_tar_feat", "loss_tar_cls", "loss_tar_reg"} <= keys
+    if "MODEL.MASK_ON" in opts:
+        assert "loss_mask" in keys
+    for k in ("loss_tar_reg", "total_loss"):
+        assert all(torch.isfinite(torch.tensor(v)) for v, _ in trainer.storage.history(k).values())
+
+
+@pytest.mark.parametrize(
+    "teacher_opts, message",
+    [
+        ("['MODEL.ROI_HEADS.NUM_CLASSES', 5]", "MODEL.ROI_HEADS.NUM_CLASSES"),
+        ("['MODEL.RPN.IN_FEATURES', ['p2', 'p3', 'p4', 'p5']]", "FPN level names"),
+        ("['MODEL.ROI_HEADS.NAME', 'Res5ROIHeads']", "StandardROIHeads"),
+    ],
+)
+def test_mismatched_teacher_fails_at_build(frcnn_teacher_weights, teacher_opts, message):
+    cfg = cfg_for("tar_faster_rcnn.yaml", "DISTILL.TEACHER.OPTS", teacher_opts, teacher=frcnn_teacher_weights)
+    with pytest.raises(ValueError, match=message):
+        build(cfg)
+
+
+def test_tar_on_retinanet_fails_at_build(retina_teacher_weights):
+    cfg = cfg_for("tbd_retinanet.yaml", "DISTILL.METHOD", "TAR", teacher=retina_teacher_weights)
+    with pytest.raises(ValueError, match="TAR serves two-stage detectors"):
+        build(cfg)
