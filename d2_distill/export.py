@@ -54,16 +54,26 @@ ONNX_OPSET = 16
 # Student extraction
 # ---------------------------------------------------------------------------
 def read_checkpoint(weights: str) -> dict:
-    """Read a checkpoint file on CPU.
+    """Read a checkpoint file (path or URL) on CPU.
 
     ``torch.load(weights_only=True)`` first. Only when that is refused because the
-    file pickles other objects (or is a detectron2 ``.pkl``) does it fall back to
-    detectron2's checkpoint reading with full unpickling, and it logs that it did.
+    file pickles other objects does it fall back to detectron2's checkpoint
+    reading with full unpickling, and it logs that it did. detectron2 ``.pkl``
+    files (plain pickles, which torch.load cannot read) go to detectron2 directly.
     """
-    if "://" not in weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"--weights {weights!r}: no such file")
+    if "://" in weights:
+        from detectron2.utils.file_io import PathManager
+
+        local = PathManager.get_local_path(weights)  # downloads and caches a URL
+    else:
+        local = weights
+        if not os.path.isfile(local):
+            raise FileNotFoundError(f"--weights {weights!r}: no such file")
+    if local.endswith(".pkl"):
+        logger.warning("%s is a pickle: reading it with detectron2's checkpoint loading (full unpickling)", weights)
+        return _detectron2_read(weights, local)
     try:
-        return torch.load(weights, map_location="cpu", weights_only=True)
+        return torch.load(local, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         logger.warning(
@@ -73,10 +83,10 @@ def read_checkpoint(weights: str) -> dict:
         )
     except Exception as e:
         raise ValueError(f"--weights {weights!r} could not be read as a checkpoint: {e}") from e
-    return _detectron2_read(weights)
+    return _detectron2_read(weights, local)
 
 
-def _detectron2_read(weights: str) -> dict:
+def _detectron2_read(weights: str, local: str) -> dict:
     """detectron2's DetectionCheckpointer file reading (``.pkl`` model-zoo files
     included), with full unpickling for ``.pth`` files: torch >= 2.6 made
     ``weights_only=True`` the default of the ``torch.load`` fvcore calls."""
@@ -91,7 +101,7 @@ def _detectron2_read(weights: str) -> dict:
 
     reader._parsed_url_during_load = urlparse(weights)  # what DetectionCheckpointer.load sets
     try:
-        return reader._load_file(reader.path_manager.get_local_path(weights))
+        return reader._load_file(local)
     except Exception as e:
         raise ValueError(f"--weights {weights!r} could not be read as a checkpoint: {e}") from e
     finally:
@@ -223,7 +233,6 @@ def export_student(
             f"{config_file!r} is not a Distiller config: MODEL.META_ARCHITECTURE="
             f"{cfg.MODEL.META_ARCHITECTURE!r}; a plain detectron2 config needs no export"
         )
-    os.makedirs(output_dir, exist_ok=True)
     weights_path = os.path.abspath(os.path.join(output_dir, "model_final.pth"))
     config_path = os.path.abspath(os.path.join(output_dir, "config.yaml"))
     scfg = _vanilla_student_cfg(cfg, weights_path)
@@ -234,6 +243,7 @@ def export_student(
     if verify:
         _check_loads_into(scfg, student)
 
+    os.makedirs(output_dir, exist_ok=True)  # only once there is something to write
     torch.save({"model": student}, weights_path)
     with open(config_path, "w") as f:
         f.write(scfg.dump())

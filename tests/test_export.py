@@ -54,35 +54,56 @@ def val_images():
     return paths, images
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def distilled(request, tmp_path_factory):
-    """A Distiller with a perturbed student, its DistillCheckpointer checkpoint and its export."""
+@pytest.fixture(scope="module")
+def _distilled_cache(request, tmp_path_factory):
+    """name -> a Distiller with a perturbed student, its DistillCheckpointer
+    checkpoint and its export; each built once per module."""
     from detectron2.modeling import build_model
 
-    config_name, weights_fixture = CASES[request.param]
-    config_file = os.path.join(QUICKSTART, config_name)
-    teacher_weights = request.getfixturevalue(weights_fixture)
-    cfg = setup_cfg(config_file, ["DISTILL.TEACHER.WEIGHTS", teacher_weights] + EXPORT_OPTS)
-    model = build_model(cfg)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.student.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-        if request.param == "retinanet":
-            # lift the focal-loss prior (sigmoid ~0.01 < SCORE_THRESH_TEST) so there are detections
-            model.student.head.cls_score.bias.add_(3.0)
-    model.eval()
+    cache = {}
 
-    tmp = tmp_path_factory.mktemp(f"export_{request.param}")
-    ckpt_dir = tmp / "distill"
-    ckpt_dir.mkdir()
-    DistillCheckpointer(model, save_dir=str(ckpt_dir)).save("model_final")
-    checkpoint = str(ckpt_dir / "model_final.pth")
-    weights, config = export_student(config_file, checkpoint, str(tmp / "export"), EXPORT_OPTS)
-    return SimpleNamespace(
-        name=request.param, cfg=cfg, config_file=config_file, model=model, tmp=tmp,
-        checkpoint=checkpoint, weights=weights, config=config,
-    )
+    def get(name: str) -> SimpleNamespace:
+        if name in cache:
+            return cache[name]
+        config_name, weights_fixture = CASES[name]
+        config_file = os.path.join(QUICKSTART, config_name)
+        teacher_weights = request.getfixturevalue(weights_fixture)
+        cfg = setup_cfg(config_file, ["DISTILL.TEACHER.WEIGHTS", teacher_weights] + EXPORT_OPTS)
+        model = build_model(cfg)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.student.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+            if name == "retinanet":
+                # lift the focal-loss prior (sigmoid ~0.01 < SCORE_THRESH_TEST) so there are detections
+                model.student.head.cls_score.bias.add_(3.0)
+        model.eval()
+
+        tmp = tmp_path_factory.mktemp(f"export_{name}")
+        ckpt_dir = tmp / "distill"
+        ckpt_dir.mkdir()
+        DistillCheckpointer(model, save_dir=str(ckpt_dir)).save("model_final")
+        checkpoint = str(ckpt_dir / "model_final.pth")
+        weights, config = export_student(config_file, checkpoint, str(tmp / "export"), EXPORT_OPTS)
+        cache[name] = SimpleNamespace(
+            name=name, cfg=cfg, config_file=config_file, model=model, tmp=tmp,
+            checkpoint=checkpoint, weights=weights, config=config,
+        )
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def distilled(request, _distilled_cache):
+    """Each case of CASES in turn (see _distilled_cache)."""
+    return _distilled_cache(request.param)
+
+
+@pytest.fixture(scope="module")
+def frcnn_distilled(_distilled_cache):
+    """The Faster R-CNN case only."""
+    return _distilled_cache("faster_rcnn")
 
 
 def _eager(model, image: np.ndarray):
@@ -155,6 +176,21 @@ def test_non_tensor_checkpoint_falls_back_with_a_log_line(distilled, tmp_path, c
         weights, _ = export_student(distilled.config_file, path, str(tmp_path / "export"), EXPORT_OPTS,
                                     verify=False)
     assert any("weights_only" in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records)
+    a = torch.load(weights, weights_only=True)["model"]
+    b = torch.load(distilled.weights, weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_detectron2_pkl_checkpoint_is_read_by_detectron2(distilled, tmp_path):
+    """A model-zoo style .pkl (numpy arrays): read through detectron2, exported the same."""
+    import pickle
+
+    state = torch.load(distilled.checkpoint, map_location="cpu", weights_only=True)["model"]
+    path = str(tmp_path / "distilled.pkl")
+    with open(path, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "test"}, f)
+    weights, _ = export_student(distilled.config_file, path, str(tmp_path / "export"), EXPORT_OPTS,
+                                verify=False)
     a = torch.load(weights, weights_only=True)["model"]
     b = torch.load(distilled.weights, weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -269,35 +305,31 @@ def test_roundtrip_in_vanilla_detectron2(distilled, val_images, tmp_path):
 # Tracing
 # ---------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-def test_torchscript_trace_matches_eager(distilled, val_images, tmp_path):
+def test_torchscript_trace_matches_eager(frcnn_distilled, val_images, tmp_path):
+    d = frcnn_distilled
     _, images = val_images
-    paths = trace_student(distilled.config, distilled.weights, images, str(tmp_path))
+    paths = trace_student(d.config, d.weights, images, str(tmp_path))
     assert set(paths) == {"torchscript"} and os.path.isfile(paths["torchscript"])
 
     # independently: the graph traced on image 0 vs the Distiller's own student on
-    # both images -- R-CNN: raw outputs (detectron2 traces it without
-    # post-processing); RetinaNet: its forward on {"image"} alone
+    # both images, raw R-CNN outputs (detectron2 traces them without post-processing)
     traced = torch.jit.load(paths["torchscript"], map_location="cpu")
-    student = distilled.model.student
     for image in images:
         tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"))
         with torch.no_grad():
-            if distilled.name == "faster_rcnn":
-                ref = student.inference([{"image": tensor}], do_postprocess=False)[0]
-            else:
-                ref = student([{"image": tensor}])[0]["instances"]
+            raw = d.model.student.inference([{"image": tensor}], do_postprocess=False)[0]
             boxes, classes, scores, size = traced(tensor)  # the fields, sorted by name, then image size
-        assert len(ref) > 0
-        assert torch.equal(classes, ref.pred_classes)
-        torch.testing.assert_close(boxes, ref.pred_boxes.tensor, rtol=0, atol=1e-4)
-        torch.testing.assert_close(scores, ref.scores, rtol=0, atol=1e-4)
+        assert len(raw) > 0
+        assert torch.equal(classes, raw.pred_classes)
+        torch.testing.assert_close(boxes, raw.pred_boxes.tensor, rtol=0, atol=1e-4)
+        torch.testing.assert_close(scores, raw.scores, rtol=0, atol=1e-4)
         assert tuple(size.tolist()) == (256, 256)
 
     # the module's own check (post-processed, as the CLI reports it)
-    assert verify_traced(distilled.config, distilled.weights, paths["torchscript"], images) <= 1e-4
+    assert verify_traced(d.config, d.weights, paths["torchscript"], images) <= 1e-4
 
 
-def test_onnx_needs_the_onnx_package(distilled, val_images, tmp_path):
+def test_onnx_needs_the_onnx_package(frcnn_distilled, val_images, tmp_path):
     try:
         import onnx  # noqa: F401
     except ImportError:
@@ -305,7 +337,7 @@ def test_onnx_needs_the_onnx_package(distilled, val_images, tmp_path):
     else:
         pytest.skip("onnx is installed")
     with pytest.raises(RuntimeError, match="pip install onnx"):
-        trace_student(distilled.config, distilled.weights, val_images[1], str(tmp_path), ("onnx",))
+        trace_student(frcnn_distilled.config, frcnn_distilled.weights, val_images[1], str(tmp_path), ("onnx",))
 
 
 # ---------------------------------------------------------------------------
