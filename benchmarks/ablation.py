@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=sorted(SETUPS), required=True)
     p.add_argument("--iters", type=int, default=300, help="student schedule (SOLVER.MAX_ITER), default 300")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="output/ablation", help="folder for runs and the JSON summary")
+    p.add_argument("--output", default="output/runs", help="folder for runs (shared with demo.py) and the JSON summary")
     p.add_argument("--rows", nargs="*", help="only these row names (default: all)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra config opts for every student run")
     args = p.parse_args(argv)
@@ -59,6 +59,11 @@ def schedule_opts(iters: int, seed: int):
     return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", steps, "SEED", str(seed)]
 
 
+def run_folder(args, row: str) -> str:
+    slug = row.replace("+ ", "").replace(",", "").replace(" ", "_")
+    return os.path.join(args.output, args.method, f"iters{args.iters}_seed{args.seed}", slug)
+
+
 def run(args) -> dict:
     rows, teacher_cfg, columns = SETUPS[args.method]
     teacher = ensure_trained(teacher_cfg)
@@ -67,8 +72,7 @@ def run(args) -> dict:
     for name, config, opts in rows:
         if args.rows and name not in args.rows:
             continue
-        slug = name.replace("+ ", "").replace(",", "").replace(" ", "_")
-        out = os.path.join(args.output, args.method, f"seed{args.seed}", slug)
+        out = run_folder(args, name)
         distilled = config != rows[0][1]  # every row but the plain student
         teacher_opts = ["DISTILL.TEACHER.WEIGHTS", teacher] if distilled else []
         rec = train_and_evaluate(config, common + opts + teacher_opts, out)
