@@ -16,7 +16,7 @@ Shared pieces live here once: the adapter builder, :class:`FeatureImitation`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from detectron2.config import CfgNode
@@ -34,6 +34,7 @@ __all__ = [
     "DistillStep",
     "FeatureImitation",
     "build_adapter",
+    "build_feature_imitation",
     "gaussian_masks",
     "check_same",
 ]
@@ -168,6 +169,18 @@ class FeatureImitation(nn.Module):
             t.append(teacher[k][..., : fs.shape[-2], : fs.shape[-1]])
             m.append(masks[k])
         return feature_imitation_loss(s, t, m)
+
+
+def build_feature_imitation(
+    weight: float, levels: Sequence[str], student, teacher, adapter: str, option: str
+) -> Optional[FeatureImitation]:
+    """A FeatureImitation between the two backbones, or None when ``weight`` is 0
+    (then no adapters exist: nothing unused for DDP, nothing computed)."""
+    if weight <= 0:
+        return None
+    return FeatureImitation(
+        levels, student.backbone.output_shape(), teacher.model.backbone.output_shape(), adapter, option
+    )
 
 
 def gaussian_masks(

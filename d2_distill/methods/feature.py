@@ -11,7 +11,7 @@ from typing import Dict
 import torch
 from detectron2.config import CfgNode
 
-from .base import DistillMethod, DistillStep, FeatureImitation, gaussian_masks, register_method
+from .base import DistillMethod, DistillStep, build_feature_imitation, gaussian_masks, register_method
 
 __all__ = ["FeatureMethod"]
 
@@ -25,17 +25,8 @@ class FeatureMethod(DistillMethod):
         c = cfg.DISTILL.FEATURE
         self.weight = c.WEIGHT
         self.sigma_ratio = c.GAUSSIAN_SIGMA_RATIO
-        # weight 0: no adapters at all (nothing unused for DDP, nothing computed)
-        self.imitation = (
-            FeatureImitation(
-                c.LEVELS,
-                student.backbone.output_shape(),
-                teacher.model.backbone.output_shape(),
-                cfg.DISTILL.ADAPTER,
-                "DISTILL.FEATURE.LEVELS",
-            )
-            if self.weight > 0
-            else None
+        self.imitation = build_feature_imitation(
+            self.weight, c.LEVELS, student, teacher, cfg.DISTILL.ADAPTER, "DISTILL.FEATURE.LEVELS"
         )
 
     @property

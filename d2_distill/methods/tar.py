@@ -27,7 +27,7 @@ from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 
-from .base import DistillMethod, DistillStep, FeatureImitation, check_same, gaussian_masks, register_method
+from .base import DistillMethod, DistillStep, build_feature_imitation, check_same, gaussian_masks, register_method
 from .functional import tar_cls_gate, tar_cls_loss, tar_reg_gate, tar_reg_loss
 
 __all__ = ["TARMethod"]
@@ -81,16 +81,8 @@ class TARMethod(DistillMethod):
         self.num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
         self.beta = cfg.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA
         self.student_transform = student.roi_heads.box_predictor.box2box_transform
-        self.feature = (
-            FeatureImitation(
-                c.FEATURE_LEVELS,
-                student.backbone.output_shape(),
-                teacher.model.backbone.output_shape(),
-                cfg.DISTILL.ADAPTER,
-                "DISTILL.TAR.FEATURE_LEVELS",
-            )
-            if self.feat_weight > 0
-            else None
+        self.feature = build_feature_imitation(
+            self.feat_weight, c.FEATURE_LEVELS, student, teacher, cfg.DISTILL.ADAPTER, "DISTILL.TAR.FEATURE_LEVELS"
         )
         self._teacher_proposals: List[Instances] = []
 

@@ -26,7 +26,7 @@ from detectron2.modeling.meta_arch.retinanet import permute_to_N_HWA_K
 from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
-from .base import DistillMethod, DistillStep, FeatureImitation, check_same, register_method
+from .base import DistillMethod, DistillStep, build_feature_imitation, check_same, register_method
 from .functional import (
     giou_loss_rowwise,
     harmony_score,
@@ -83,16 +83,8 @@ class TBDMethod(DistillMethod):
         self.in_features = list(student.head_in_features)
         self.student_transform = student.box2box_transform
         self.num_anchors = dict(zip(self.in_features, student.anchor_generator.num_anchors))
-        self.tfd = (
-            FeatureImitation(
-                self.in_features,
-                student.backbone.output_shape(),
-                teacher.model.backbone.output_shape(),
-                cfg.DISTILL.ADAPTER,
-                "MODEL.RETINANET.IN_FEATURES",
-            )
-            if self.tfd_weight > 0
-            else None
+        self.tfd = build_feature_imitation(
+            self.tfd_weight, self.in_features, student, teacher, cfg.DISTILL.ADAPTER, "MODEL.RETINANET.IN_FEATURES"
         )
 
     @property
