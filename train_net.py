@@ -8,8 +8,7 @@
 """
 import logging
 
-import detectron2.utils.comm as comm
-from detectron2.engine import default_argument_parser, hooks, launch
+from detectron2.engine import default_argument_parser, launch
 
 from d2_distill.engine import DistillCheckpointer, DistillTrainer, setup_cfg
 

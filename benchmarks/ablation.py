@@ -55,8 +55,10 @@ def parse_args(argv=None):
 
 
 def schedule_opts(iters: int, seed: int):
-    steps = f"({int(iters * 0.75)}, {int(iters * 0.92)})"
-    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", steps, "SEED", str(seed)]
+    """The student schedule: LR drops (x0.1) at 75 % and 92 % of ``iters``."""
+    steps = sorted({s for s in (int(iters * 0.75), int(iters * 0.92)) if 0 < s < iters})
+    text = "(" + ", ".join(map(str, steps)) + ("," if len(steps) == 1 else "") + ")"
+    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", text, "SEED", str(seed)]
 
 
 def run_folder(args, row: str) -> str:

@@ -1,0 +1,615 @@
+#!/usr/bin/env python
+"""What a distillation training step costs, next to what it cannot avoid.
+
+    python benchmarks/step_cost.py                          # all four pairs
+    python benchmarks/step_cost.py --pairs tar_quickstart tbd_quickstart --iters 5
+    python benchmarks/step_cost.py --pairs tar_coco -- DISTILL.TAR.PROPOSALS both
+
+For every teacher/student pair, in one process and interleaved (a, b, c, a, b,
+c, ... after warm-up, on the same fixed batch), it measures the wall time and
+peak memory of
+
+  (a) a plain student training step: ``model.student`` alone, forward +
+      backward + SGD step;
+  (b) the teacher forward the method needs, without grad: the teacher's
+      preprocess + backbone, plus for TAR its box head on the RoIs the student
+      sampled in a recorded distillation step (and its RPN with
+      ``DISTILL.TAR.PROPOSALS both``), for TBD ``teacher_dense``;
+  (c) a full distillation training step: the Distiller in train mode, forward +
+      backward + SGD step over the student and the adapters.
+
+and reports the medians, c / (a + b) (1.0 = distillation costs nothing beyond
+the teacher forward it needs; the target is <= 1.10), the share of c spent in
+the distillation losses themselves (``model.method.forward``, which includes the
+teacher's heads) plus the teacher's backbone/preprocess/RPN inside c, and peak
+memory per phase: on CUDA ``torch.cuda.max_memory_allocated`` (reset per phase),
+on CPU the peak growth of the resident set size during the phase, sampled by a
+background thread from /proc/self/statm.
+
+Teachers get random weights (a random checkpoint of the teacher's config in a
+temporary folder; cost does not depend on the values), students are random.
+Models with FrozenBN (the model-zoo configs) get their frozen statistics set
+from the batch (``calibrate_frozen_bn``): with identity statistics a random
+R50/R101 proposes mostly degenerate boxes and TAR's RoI workload would be far
+below a trained model's.
+The batch is the first ``--batch`` images of the built-in ``shapes_val`` split,
+mapped by detectron2's DatasetMapper in training mode and resized to the pair's
+input size. ``--lr`` is 0 by default: the SGD step does exactly the same work,
+and the random models stay fixed, so every measured iteration sees the same
+proposals and the same amount of work.
+
+The model-zoo-sized pairs (R101 teachers) need a GPU to be measured in
+reasonable time.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+# name -> (distiller config, which size option applies)
+PAIRS = {
+    "tar_quickstart": ("configs/quickstart/tar_faster_rcnn.yaml", "quickstart"),
+    "tbd_quickstart": ("configs/quickstart/tbd_retinanet.yaml", "quickstart"),
+    "tar_coco": ("configs/COCO/tar_faster_rcnn_R50_from_R101.yaml", "coco"),
+    "tbd_coco": ("configs/COCO/tbd_retinanet_R50_from_R101.yaml", "coco"),
+}
+PHASES = ("a", "b", "c")
+PHASE_NAMES = {
+    "a": "plain student step",
+    "b": "teacher forward (no grad)",
+    "c": "distillation step",
+}
+RSS_SAMPLE_S = 0.002  # CPU memory sampling interval
+
+
+# ---------------------------------------------------------------------------
+# arguments
+# ---------------------------------------------------------------------------
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", nargs="+", default=list(PAIRS), metavar="PAIR",
+                   help=f"pairs to measure, any of {', '.join(PAIRS)} (default: all)")
+    p.add_argument("--iters", type=int, default=10, help="measured iterations per phase (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up iterations per phase, not measured (default 2)")
+    p.add_argument("--memory-iters", type=int, default=1,
+                   help="iterations per phase measuring peak memory, after the timed ones (default 1)")
+    p.add_argument("--batch", type=int, default=2, help="images per step (default 2)")
+    p.add_argument("--quickstart-size", type=int, default=256,
+                   help="input short side of the quickstart pairs, px (default 256)")
+    p.add_argument("--coco-size", type=int, default=320,
+                   help="input short side of the model-zoo-sized COCO pairs, px (default 320)")
+    p.add_argument("--device", default=default_device(), help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default 0: leave torch's setting; "
+                        "on busy machines 1 avoids oversubscription)")
+    p.add_argument("--lr", type=float, default=0.0,
+                   help="SGD learning rate of the measured steps (default 0: same work, models stay fixed)")
+    p.add_argument("--dataset", default="shapes_val", help="built-in split the batch comes from (default shapes_val)")
+    p.add_argument("--output", default="output/benchmarks/step_cost.json", help="JSON written here")
+    p.add_argument("opts", nargs=argparse.REMAINDER,
+                   help="extra config opts for every pair, last (after -- when they follow --pairs), "
+                   "e.g. -- DISTILL.TAR.PROPOSALS both")
+    args = p.parse_args(argv)
+    if args.opts and args.opts[0] == "--":
+        args.opts = args.opts[1:]
+
+    unknown = [x for x in args.pairs if x not in PAIRS]
+    if unknown:
+        p.error(f"--pairs: unknown pair(s) {', '.join(unknown)}; choose from {', '.join(PAIRS)}")
+    args.pairs = list(dict.fromkeys(args.pairs))  # keep order, drop repeats
+    if args.iters <= 0:
+        p.error(f"--iters must be positive, got {args.iters}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.memory_iters <= 0:
+        p.error(f"--memory-iters must be positive, got {args.memory_iters}")
+    if args.batch <= 0:
+        p.error(f"--batch must be positive, got {args.batch}")
+    for opt in ("quickstart_size", "coco_size"):
+        if getattr(args, opt) < 64:
+            p.error(f"--{opt.replace('_', '-')} must be at least 64 px, got {getattr(args, opt)}")
+    if args.threads < 0:
+        p.error(f"--threads must be >= 0, got {args.threads}")
+    if args.lr < 0:
+        p.error(f"--lr must be >= 0, got {args.lr}")
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device!r}: {e}")
+    if dev.type not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    from d2_distill.data import SPLITS
+
+    if args.dataset not in SPLITS:
+        p.error(f"--dataset {args.dataset!r} is not a built-in split ({', '.join(SPLITS)})")
+    if args.opts and len(args.opts) % 2:
+        p.error(f"opts must be KEY VALUE pairs, got {args.opts}")
+    return args
+
+
+# ---------------------------------------------------------------------------
+# building a pair
+# ---------------------------------------------------------------------------
+def pair_configs(name: str, device: str, opts=()):
+    """(distiller cfg without teacher weights, teacher cfg) of pair ``name``; builds nothing."""
+    from d2_distill.engine import setup_cfg
+    from d2_distill.modeling.teacher import load_teacher_cfg
+
+    config = os.path.join(ROOT, PAIRS[name][0])
+    cfg = setup_cfg(config, ["MODEL.DEVICE", device, *opts])
+    return cfg, load_teacher_cfg(cfg)
+
+
+def random_teacher_checkpoint(teacher_cfg, out_dir: str, batch=None) -> str:
+    """The teacher built from its own config with random weights (FrozenBN
+    statistics calibrated on ``batch``, see :func:`calibrate_frozen_bn`), saved with
+    DetectionCheckpointer as ``out_dir/teacher_random.pth`` (what strict loading expects)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    tcfg = teacher_cfg.clone()
+    tcfg.defrost()
+    tcfg.MODEL.DEVICE = "cpu"
+    tcfg.MODEL.WEIGHTS = ""
+    model = build_model(tcfg)
+    if batch is not None:
+        calibrate_frozen_bn(model, batch)
+    DetectionCheckpointer(model, save_dir=out_dir).save("teacher_random")
+    del model
+    return os.path.join(out_dir, "teacher_random.pth")
+
+
+def calibrate_frozen_bn(model, batch) -> int:
+    """Set every FrozenBatchNorm2d's statistics to those of its input on ``batch``
+    (one forward of the backbone, layer by layer, like a BN forward in training
+    mode); return how many layers were set.
+
+    Random weights with FrozenBN's identity statistics (the model-zoo configs) let
+    activations grow block after block, so a random R50/R101 RPN proposes mostly
+    degenerate boxes and the ROI heads sample far fewer RoIs than a trained model:
+    the measured workload would be unrepresentative. Normalised activations give
+    a trained model's proposal and RoI counts. GroupNorm models are untouched."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    layers = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    if not layers:
+        return 0
+
+    def set_stats(module, inputs):
+        x = inputs[0].float()
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False).clamp(min=1e-4))
+
+    handles = [m.register_forward_pre_hook(set_stats) for m in layers]
+    try:
+        with torch.no_grad():
+            model.backbone(model.preprocess_image(batch).tensor)
+    finally:
+        for h in handles:
+            h.remove()
+    return len(layers)
+
+
+def build_distiller(name: str, device: str, opts, tmp_dir: str, dataset: str, size: int, batch_size: int):
+    """(cfg, Distiller with a random teacher and a random student, the batch,
+    how many FrozenBN layers were calibrated in each model)."""
+    from detectron2.layers import FrozenBatchNorm2d
+    from detectron2.modeling import build_model
+
+    from d2_distill.engine import setup_cfg
+
+    cfg, tcfg = pair_configs(name, device, opts)
+    batch = make_batch(dataset, size, batch_size, cfg.INPUT.FORMAT)
+    weights = random_teacher_checkpoint(tcfg, tmp_dir, batch)
+    config = os.path.join(ROOT, PAIRS[name][0])
+    cfg = setup_cfg(config, ["MODEL.DEVICE", device, *opts, "DISTILL.TEACHER.WEIGHTS", weights])
+    model = build_model(cfg)  # the Distiller, on cfg.MODEL.DEVICE
+    os.remove(weights)
+    n_student = calibrate_frozen_bn(model.student, batch)
+    n_teacher = sum(isinstance(m, FrozenBatchNorm2d) for m in model.teacher.modules())
+    return cfg, model, batch, {"student": n_student, "teacher": n_teacher}
+
+
+def make_batch(dataset: str, size: int, n: int, image_format: str) -> List[Dict]:
+    """The first ``n`` images of ``dataset``, mapped by DatasetMapper (training mode)
+    with the short side resized to ``size`` (the shapes images are square)."""
+    import detectron2.data.transforms as T
+    from detectron2.data import DatasetCatalog, DatasetMapper
+
+    from d2_distill.data import ensure_datasets
+
+    ensure_datasets([dataset])
+    dicts = DatasetCatalog.get(dataset)
+    if len(dicts) < n:
+        raise ValueError(f"--batch {n}: {dataset} has only {len(dicts)} images")
+    mapper = DatasetMapper(
+        is_train=True,
+        augmentations=[T.ResizeShortestEdge((size,), max_size=size, sample_style="choice"), T.RandomFlip()],
+        image_format=image_format,
+    )
+    return [mapper(d) for d in dicts[:n]]
+
+
+# ---------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------
+class Synchronizer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def __call__(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def _malloc_trim() -> bool:
+    """Give the C heap's free memory back to the OS (glibc), so that a phase's
+    allocations show up as resident-set growth instead of reusing cached pages."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+class RSSSampler:
+    """Peak resident-set growth during a phase (CPU runs): ``begin`` trims the heap,
+    reads the baseline and starts a thread sampling /proc/self/statm every
+    ``interval`` s; ``end`` stops it. No thread runs outside a memory phase."""
+
+    def __init__(self, interval: float = RSS_SAMPLE_S):
+        self.interval = interval
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.fd = os.open("/proc/self/statm", os.O_RDONLY)
+        self.base = self.peak = 0
+        self.thread: Optional[threading.Thread] = None
+        self.stop_event = threading.Event()
+
+    def rss(self) -> int:
+        return int(os.pread(self.fd, 128, 0).split()[1]) * self.page
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
+
+    def begin(self) -> None:
+        _malloc_trim()
+        self.base = self.peak = self.rss()
+        self.stop_event.clear()
+        self.thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self.thread.start()
+
+    def end(self) -> Dict[str, float]:
+        self.stop_event.set()
+        self.thread.join()
+        peak = max(self.peak, self.rss())
+        return {"peak_mb": peak / 2**20, "peak_growth_mb": (peak - self.base) / 2**20}
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class CudaPeak:
+    """Peak allocated CUDA memory during a phase (reset_peak_memory_stats per phase)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base = 0
+
+    def begin(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
+
+    def end(self) -> Dict[str, float]:
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        return {"peak_mb": peak / 2**20, "peak_growth_mb": (peak - self.base) / 2**20}
+
+    def close(self) -> None:
+        pass
+
+
+class CallTimer:
+    """Wraps ``obj.name`` (an instance attribute shadows the method) and adds up the
+    wall time of its calls, synchronizing CUDA around each; ``on_call(args)`` runs
+    first, untimed."""
+
+    def __init__(self, obj, name: str, sync: Synchronizer, on_call: Optional[Callable] = None):
+        self.obj, self.name, self.total, self.calls = obj, name, 0.0, 0
+        original = getattr(obj, name)
+
+        def wrapper(*args, **kwargs):
+            if on_call is not None:
+                on_call(*args, **kwargs)
+            sync()
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                sync()
+                self.total += time.perf_counter() - t0
+                self.calls += 1
+
+        obj.__dict__[name] = wrapper
+
+    def reset(self) -> None:
+        self.total, self.calls = 0.0, 0
+
+    def remove(self) -> None:
+        self.obj.__dict__.pop(self.name, None)
+
+
+def _num_params(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def measure_pair(name: str, args, storage, memory) -> Dict:
+    from detectron2.structures import Boxes
+
+    from d2_distill.methods import DistillStep
+    from d2_distill.methods.tar import TARMethod
+    from d2_distill.methods.tbd import TBDMethod
+
+    device = torch.device(args.device)
+    size = args.quickstart_size if PAIRS[name][1] == "quickstart" else args.coco_size
+    with tempfile.TemporaryDirectory(prefix="step_cost_") as tmp:
+        cfg, model, batch, calibrated = build_distiller(
+            name, args.device, list(args.opts or []), tmp, args.dataset, size, args.batch
+        )
+    model.train()
+    student, teacher, method = model.student, model.teacher, model.method
+    gt = [x["instances"].to(device) for x in batch]
+    sync = Synchronizer(device)
+
+    student_params = [p for p in student.parameters() if p.requires_grad]
+    all_params = [p for p in model.parameters() if p.requires_grad]  # student + adapters; never the teacher
+    opt_a = torch.optim.SGD(student_params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    opt_c = torch.optim.SGD(all_params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
+
+    # What the last distillation step recorded on the student: the sampled RoIs
+    # (TAR's teacher box head runs on them) and the student's feature sizes (TBD).
+    snapshot: Dict = {}
+
+    def snap(step) -> None:
+        rec = step.records
+        if "sampled" in rec:
+            snapshot["boxes"] = [Boxes(x.proposal_boxes.tensor.detach()) for x in rec["sampled"]]
+        if "features" in rec:
+            snapshot["feature_shapes"] = {k: tuple(v.shape) for k, v in rec["features"].items()}
+
+    timers = {
+        "method_forward": CallTimer(method, "forward", sync, on_call=snap),
+        "teacher_preprocess": CallTimer(teacher, "preprocess", sync),
+        "teacher_backbone": CallTimer(teacher, "backbone", sync),
+        "before_student": CallTimer(method, "before_student", sync),  # TAR PROPOSALS=both: teacher RPN
+    }
+
+    def step_a():
+        opt_a.zero_grad(set_to_none=True)
+        losses = student(batch)
+        sum(losses.values()).backward()
+        opt_a.step()
+
+    teacher_parts: List[str] = ["preprocess", "backbone"]
+    tar_heads = isinstance(method, TARMethod) and method.heads_on
+    if isinstance(method, TARMethod) and method.proposals == "both" and method.heads_on:
+        teacher_parts.append("RPN")
+    if tar_heads:
+        teacher_parts.append("box head on the student's sampled RoIs")
+    if isinstance(method, TBDMethod):
+        teacher_parts.append("dense head (teacher_dense)")
+
+    def step_b():
+        t_images = teacher.preprocess(batch, model.input_format, model.size_divisibility)
+        step = DistillStep(
+            batched_inputs=batch, gt_instances=gt, student_losses={}, records={},
+            teacher_images=t_images, teacher_features=teacher.backbone(t_images),
+        )
+        with torch.no_grad():
+            if isinstance(method, TARMethod):
+                method.before_student(step)  # the teacher RPN with PROPOSALS=both, else nothing
+                if tar_heads:
+                    method.teacher_box_predictions(step, snapshot["boxes"])
+            elif isinstance(method, TBDMethod):
+                shapes = snapshot["feature_shapes"]
+                method.teacher_dense(step, {k: torch.empty(s, device="meta") for k, s in shapes.items()})
+
+    def step_c():
+        opt_c.zero_grad(set_to_none=True)
+        losses = model(batch)
+        sum(losses.values()).backward()
+        opt_c.step()
+
+    steps = {"a": step_a, "b": step_b, "c": step_c}
+    times: Dict[str, List[float]] = {k: [] for k in PHASES}
+    mem: Dict[str, List[Dict[str, float]]] = {k: [] for k in PHASES}
+    in_c = {"method_forward": [], "teacher": []}
+
+    def run_phase(k: str, mode: str) -> None:
+        """mode: 'warmup' (nothing kept), 'time' (wall time) or 'memory' (peak memory)."""
+        for t in timers.values():
+            t.reset()
+        gc.collect()
+        if mode == "memory":
+            memory.begin()
+        sync()
+        t0 = time.perf_counter()
+        steps[k]()
+        sync()
+        dt = time.perf_counter() - t0
+        if mode == "memory":
+            mem[k].append(memory.end())
+        opt_a.zero_grad(set_to_none=True)
+        opt_c.zero_grad(set_to_none=True)
+        if mode == "time":
+            times[k].append(dt)
+            if k == "c":
+                in_c["method_forward"].append(timers["method_forward"].total)
+                in_c["teacher"].append(
+                    sum(timers[x].total for x in ("teacher_preprocess", "teacher_backbone", "before_student"))
+                )
+
+    rounds = ["warmup"] * args.warmup + ["time"] * args.iters + ["memory"] * args.memory_iters
+    try:
+        storage.iter = 0
+        # priming, not measured: c records the RoIs / feature sizes phase b needs,
+        # and both optimizers create their momentum buffers
+        run_phase("c", "warmup")
+        run_phase("a", "warmup")
+        for i, mode in enumerate(rounds):
+            storage.iter = i + 1
+            for k in PHASES:
+                run_phase(k, mode)
+    finally:
+        for t in timers.values():
+            t.remove()
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    total_c = sum(times["c"])
+    own = sum(in_c["method_forward"]) + sum(in_c["teacher"])
+    n_rois = [len(b) for b in snapshot.get("boxes", [])]
+    result = {
+        "config": PAIRS[name][0],
+        "teacher_config": cfg.DISTILL.TEACHER.CONFIG_FILE,
+        "method": cfg.DISTILL.METHOD,
+        "input_size": size,
+        "batch": args.batch,
+        "student_params": _num_params(student.parameters()),
+        "adapter_params": _num_params(method.parameters()),
+        "teacher_params": _num_params(teacher.parameters()),
+        "frozen_bn_layers_calibrated": calibrated,
+        "teacher_parts_in_b": teacher_parts,
+        "teacher_rois_per_image": n_rois,
+        "a_student_step_s": med["a"],
+        "b_teacher_forward_s": med["b"],
+        "c_distill_step_s": med["c"],
+        "ratio_c_over_a_plus_b": med["c"] / (med["a"] + med["b"]),
+        "distill_share_of_c": own / total_c,
+        "method_forward_in_c_s": statistics.median(in_c["method_forward"]),
+        "teacher_outside_method_in_c_s": statistics.median(in_c["teacher"]),
+        "times_s": times,
+        "memory": {
+            k: {
+                "peak_mb": max(x["peak_mb"] for x in v),
+                "peak_growth_mb": max(x["peak_growth_mb"] for x in v),
+                "per_iter": v,
+            }
+            for k, v in mem.items()
+        },
+    }
+    return result
+
+
+def run(args) -> Dict:
+    from detectron2.utils.events import EventStorage
+
+    import d2_distill  # noqa: F401  (registers the Distiller, the methods and the datasets)
+
+    device = torch.device(args.device)
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        memory = CudaPeak(device)
+        memory_kind = "cuda: torch.cuda.max_memory_allocated per phase (reset_peak_memory_stats before each)"
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        memory = RSSSampler()
+        memory_kind = (
+            f"cpu: peak RSS growth during the phase over the RSS at its start, /proc/self/statm sampled every "
+            f"{RSS_SAMPLE_S * 1000:.0f} ms by a background thread; glibc malloc_trim(0) before each memory phase "
+            "so that freed heap pages are not silently reused (a sampled lower bound of the true peak)"
+        )
+        device_name = "cpu"
+    summary = {
+        "device": str(device),
+        "device_name": device_name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "memory_measure": memory_kind,
+        "settings": {
+            "iters": args.iters, "warmup": args.warmup, "memory_iters": args.memory_iters,
+            "batch": args.batch, "lr": args.lr,
+            "quickstart_size": args.quickstart_size, "coco_size": args.coco_size,
+            "dataset": args.dataset, "opts": list(args.opts or []),
+        },
+        "phases": PHASE_NAMES,
+        "pairs": {},
+    }
+    try:
+        with EventStorage(0) as storage:
+            for name in args.pairs:
+                summary["pairs"][name] = measure_pair(name, args, storage, memory)
+                gc.collect()  # the pair's models are gone with measure_pair's frame
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        memory.close()
+        torch.set_num_threads(threads_before)
+    return summary
+
+
+def markdown(summary: Dict) -> str:
+    lines = [
+        f"device: {summary['device']} ({summary['device_name']}), torch {summary['torch']}, "
+        f"{summary['threads']} threads; medians of {summary['settings']['iters']} interleaved iterations, "
+        f"batch {summary['settings']['batch']}",
+        f"memory: {summary['memory_measure']}",
+        "",
+        "| pair | input | a: student step s | b: teacher fwd s | c: distill step s | c/(a+b) "
+        "| distill share of c | peak growth a / b / c MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in summary["pairs"].items():
+        m = r["memory"]
+        lines.append(
+            f"| {name} | {r['input_size']} | {r['a_student_step_s']:.4f} | {r['b_teacher_forward_s']:.4f} "
+            f"| {r['c_distill_step_s']:.4f} | {r['ratio_c_over_a_plus_b']:.2f} | {100 * r['distill_share_of_c']:.1f} % "
+            f"| {m['a']['peak_growth_mb']:.0f} / {m['b']['peak_growth_mb']:.0f} / {m['c']['peak_growth_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        "c/(a+b): 1.00 = distilling costs no more than the teacher forward it needs (target <= 1.10).",
+        "distill share of c: time in model.method.forward (losses + teacher heads) plus the teacher's",
+        "preprocess/backbone/RPN inside step c, over all of step c (the distillation losses' backward is not in it).",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    summary = run(args)
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(markdown(summary))
+    print(f"\nwritten {args.output}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""benchmarks/step_cost.py and benchmarks/distill_gain.py: arguments, and one tiny
+run of each (quickstart R18/R34 pair, 128 px, random teacher, 1-2 iterations).
+No timing bound is asserted: the numbers depend on the machine's load."""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from helpers import ROOT, SMALL, cfg_for, fake_batch
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def step_cost():
+    return _load("step_cost")
+
+
+@pytest.fixture(scope="module")
+def distill_gain():
+    return _load("distill_gain")
+
+
+# ---- step_cost: arguments --------------------------------------------------------
+def test_step_cost_defaults(step_cost):
+    a = step_cost.parse_args([])
+    assert a.pairs == ["tar_quickstart", "tbd_quickstart", "tar_coco", "tbd_coco"]
+    assert (a.iters, a.warmup, a.batch, a.memory_iters) == (10, 2, 2, 1)
+    assert (a.quickstart_size, a.coco_size) == (256, 320)
+    assert a.device == step_cost.default_device()
+    assert a.output == "output/benchmarks/step_cost.json"
+    assert a.dataset == "shapes_val" and a.opts == [] and a.lr == 0.0
+
+
+def test_step_cost_pairs_and_opts(step_cost):
+    a = step_cost.parse_args(
+        ["--pairs", "tbd_coco", "tar_quickstart", "tbd_coco", "--", "DISTILL.TAR.PROPOSALS", "both"]
+    )
+    assert a.pairs == ["tbd_coco", "tar_quickstart"]
+    assert a.opts == ["DISTILL.TAR.PROPOSALS", "both"]
+    a = step_cost.parse_args(["--iters", "3", "DISTILL.ADAPTER", "conv3x3"])
+    assert a.iters == 3 and a.opts == ["DISTILL.ADAPTER", "conv3x3"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--pairs", "tar_lvis"], "unknown pair"),
+        (["--pairs"], "expected at least one"),
+        (["--iters", "0"], "--iters must be positive"),
+        (["--iters", "-2"], "--iters must be positive"),
+        (["--iters", "ten"], "invalid int"),
+        (["--warmup", "-1"], "--warmup"),
+        (["--batch", "0"], "--batch"),
+        (["--memory-iters", "0"], "--memory-iters"),
+        (["--coco-size", "16"], "--coco-size"),
+        (["--device", "tpu"], "--device"),
+        (["--dataset", "coco_2017_val"], "--dataset"),
+        (["DISTILL.ADAPTER"], "KEY VALUE"),
+    ],
+)
+def test_step_cost_bad_args(step_cost, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        step_cost.parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_step_cost_pair_configs_build_nothing(step_cost):
+    """Every pair's configs resolve (the COCO teachers from the model zoo) without building a model."""
+    expected = {"tar_quickstart": "TAR", "tbd_quickstart": "TBD", "tar_coco": "TAR", "tbd_coco": "TBD"}
+    for name, method in expected.items():
+        cfg, tcfg = step_cost.pair_configs(name, "cpu")
+        assert cfg.DISTILL.METHOD == method and cfg.MODEL.META_ARCHITECTURE == "Distiller"
+        assert tcfg.MODEL.META_ARCHITECTURE == ("GeneralizedRCNN" if method == "TAR" else "RetinaNet")
+    _, tcfg = step_cost.pair_configs("tar_coco", "cpu")
+    assert tcfg.MODEL.RESNETS.DEPTH == 101
+
+
+def test_calibrate_frozen_bn(step_cost):
+    """A random FrozenBN backbone (identity statistics, as the model-zoo configs build it)
+    gets normalised activations; GroupNorm models are left alone."""
+    from detectron2.modeling import build_model
+
+    frozen = ["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.FPN.NORM", "", "MODEL.PIXEL_STD", "[1.0, 1.0, 1.0]"]
+    model = build_model(cfg_for("faster_rcnn_R18_FPN_student.yaml", *frozen))
+    batch = fake_batch(2, 128)
+
+    def feature_scale():
+        with torch.no_grad():
+            feats = model.backbone(model.preprocess_image(batch).tensor)
+        return max(float(f.abs().mean()) for f in feats.values())
+
+    before = feature_scale()
+    assert step_cost.calibrate_frozen_bn(model, batch) > 0
+    after = feature_scale()
+    assert after < 10 < before
+    gn = build_model(cfg_for("faster_rcnn_R18_FPN_student.yaml"))
+    assert step_cost.calibrate_frozen_bn(gn, batch) == 0
+
+
+# ---- step_cost: a tiny run -------------------------------------------------------
+def test_step_cost_tiny_run(step_cost, tmp_path, capsys):
+    out = tmp_path / "step_cost.json"
+    step_cost.main([
+        "--pairs", "tar_quickstart", "--quickstart-size", "128", "--batch", "1", "--iters", "2",
+        "--warmup", "1", "--device", "cpu", "--threads", "1", "--dataset", "shapes_mini_val",
+        "--output", str(out),
+    ])
+    summary = json.loads(out.read_text())
+    assert summary["device"] == "cpu" and summary["memory_measure"].startswith("cpu: peak RSS growth")
+    r = summary["pairs"]["tar_quickstart"]
+    assert r["input_size"] == 128 and r["batch"] == 1 and r["method"] == "TAR"
+    assert r["frozen_bn_layers_calibrated"] == {"student": 0, "teacher": 0}  # GroupNorm quickstart models
+    for key in ("a_student_step_s", "b_teacher_forward_s", "c_distill_step_s", "ratio_c_over_a_plus_b"):
+        assert r[key] > 0, key
+    assert 0 < r["distill_share_of_c"] < 1
+    assert all(len(r["times_s"][k]) == 2 for k in "abc")
+    assert r["teacher_rois_per_image"] and r["teacher_rois_per_image"][0] > 0  # the box head ran on RoIs
+    for k in "abc":
+        assert r["memory"][k]["peak_mb"] > 0 and r["memory"][k]["peak_growth_mb"] >= 0
+    assert r["ratio_c_over_a_plus_b"] == pytest.approx(
+        r["c_distill_step_s"] / (r["a_student_step_s"] + r["b_teacher_forward_s"])
+    )
+    printed = capsys.readouterr().out
+    assert "| tar_quickstart | 128 |" in printed and f"{r['ratio_c_over_a_plus_b']:.2f}" in printed
+    assert "c/(a+b)" in printed
+
+
+# ---- distill_gain: arguments -----------------------------------------------------
+def test_distill_gain_defaults(distill_gain):
+    a = distill_gain.parse_args([])
+    assert a.methods == ["tar", "tbd"] and a.seeds == [0, 1, 2] and a.iters == 300
+    assert a.runs == "output/runs" and a.output == "output/benchmarks/distill_gain.json"
+    assert a.teacher_weights == {} and a.opts == []
+    assert distill_gain.full_row("tar")[0] == "full TAR" and distill_gain.full_row("tbd")[0] == "full TBD"
+
+
+def test_distill_gain_teacher_weights(distill_gain, tmp_path):
+    w = tmp_path / "t.pth"
+    w.write_bytes(b"x")
+    a = distill_gain.parse_args(["--methods", "tar", "--teacher-weights", str(w)])
+    assert a.teacher_weights == {"tar": str(w)}
+    a = distill_gain.parse_args(["--teacher-weights", f"tbd={w}", "--iters", "2", "SOLVER.STEPS", "()"])
+    assert a.teacher_weights == {"tbd": str(w)} and a.opts == ["SOLVER.STEPS", "()"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds"], "expected at least one"),
+        (["--seeds", "1", "1"], "repeated seed"),
+        (["--seeds", "-1"], "--seeds must be >= 0"),
+        (["--iters", "0"], "--iters must be positive"),
+        (["--methods", "fgd"], "unknown method"),
+        (["--methods"], "expected at least one"),
+        (["--methods", "tar", "--teacher-weights", "/no/such/teacher.pth"], "no such file"),
+        (["--teacher-weights", "tar=/no/such/teacher.pth"], "no such file"),
+        (["--teacher-weights", "__FILE__"], "METHOD=PATH"),
+        (["--methods", "tar", "--teacher-weights", "tbd=__FILE__"], "not in --methods"),
+        (["SOLVER.MAX_ITER"], "KEY VALUE"),
+    ],
+)
+def test_distill_gain_bad_args(distill_gain, capsys, tmp_path, argv, message):
+    w = tmp_path / "t.pth"
+    w.write_bytes(b"x")
+    argv = [x.replace("__FILE__", str(w)) for x in argv]
+    with pytest.raises(SystemExit) as e:
+        distill_gain.parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ---- distill_gain: a tiny run ----------------------------------------------------
+def test_distill_gain_tiny_run(distill_gain, tmp_path, capsys, monkeypatch, request, frcnn_teacher_weights):
+    monkeypatch.chdir(ROOT)  # the run cache keys on repository-relative config paths, like ablation.py
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machines' 2 cores are shared with other jobs
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    out, runs = tmp_path / "gain.json", tmp_path / "runs"
+    argv = [
+        "--methods", "tar", "--seeds", "0", "--iters", "2", "--runs", str(runs), "--output", str(out),
+        "--teacher-weights", f"tar={frcnn_teacher_weights}",
+        *SMALL, "SOLVER.STEPS", "()", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+    ]
+    distill_gain.main(argv)
+    summary = json.loads(out.read_text())
+    r = summary["methods"]["tar"]
+    assert summary["seeds"] == [0] and summary["iters"] == 2 and r["teacher_weights"] == frcnn_teacher_weights
+    assert len(r["plain_AP"]) == len(r["distilled_AP"]) == len(r["diff"]) == 1
+    plain, dist = r["plain_AP"][0], r["distilled_AP"][0]
+    assert isinstance(plain, float) and isinstance(dist, float)
+    assert r["diff"][0] == pytest.approx(dist - plain)
+    assert r["distilled_better_every_seed"] == (dist > plain)
+    assert r["plain_std"] == 0.0 and r["distilled_std"] == 0.0
+    # the ablation's run folders, with the distilled run on the given teacher
+    seed0 = r["per_seed"][0]
+    assert seed0["plain"]["run"] == os.path.join(str(runs), "tar", "iters2_seed0", "plain_student")
+    assert seed0["distilled"]["run"] == os.path.join(str(runs), "tar", "iters2_seed0", "full_TAR")
+    assert frcnn_teacher_weights in seed0["distilled"]["command"]
+    assert "DISTILL.TEACHER.WEIGHTS" not in seed0["plain"]["command"]
+    printed = capsys.readouterr().out
+    assert "| TAR |" in printed and "(seed 0)" in printed
+
+    # cached: a second call trains nothing and reports the same numbers
+    results = [os.path.join(seed0[k]["run"], "results.json") for k in ("plain", "distilled")]
+    mtimes = [os.path.getmtime(p) for p in results]
+    again = distill_gain.main(argv)
+    assert [os.path.getmtime(p) for p in results] == mtimes
+    assert again["methods"]["tar"]["diff"][0] == pytest.approx(r["diff"][0])
+    assert not math.isnan(again["methods"]["tar"]["plain_mean"])
