@@ -28,7 +28,7 @@ DISTILLED_ROW = {"tar": "full TAR", "tbd": "full TBD"}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=sorted(SETUPS), default="tar", help="tar (default) or tbd")
-    p.add_argument("--iters", type=int, default=300, help="student schedule (SOLVER.MAX_ITER), default 300")
+    p.add_argument("--iters", type=int, default=200, help="student schedule (SOLVER.MAX_ITER), default 200")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="output/runs", help="run cache and figure folder")
     p.add_argument("--timing-images", type=int, default=20, help="validation images for inference ms/image")

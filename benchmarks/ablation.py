@@ -43,7 +43,7 @@ SETUPS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=sorted(SETUPS), required=True)
-    p.add_argument("--iters", type=int, default=300, help="student schedule (SOLVER.MAX_ITER), default 300")
+    p.add_argument("--iters", type=int, default=200, help="student schedule (SOLVER.MAX_ITER), default 200")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="output/runs", help="folder for runs (shared with demo.py) and the JSON summary")
     p.add_argument("--rows", nargs="*", help="only these row names (default: all)")

@@ -69,7 +69,7 @@ def parse_args(argv=None):
                    help=f"methods to compare, any of {', '.join(sorted(SETUPS))} (default: tar tbd)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
                    help="training seeds (default 0 1 2); seed 0 runs are the ablation's")
-    p.add_argument("--iters", type=int, default=300, help="student schedule (SOLVER.MAX_ITER), default 300")
+    p.add_argument("--iters", type=int, default=200, help="student schedule (SOLVER.MAX_ITER), default 200")
     p.add_argument("--runs", default="output/runs",
                    help="folder of the runs, shared with ablation.py and demo.py (default output/runs)")
     p.add_argument("--output", default="output/benchmarks/distill_gain.json", help="JSON written here")

@@ -138,7 +138,7 @@ def test_step_cost_tiny_run(step_cost, tmp_path, capsys):
 # ---- distill_gain: arguments -----------------------------------------------------
 def test_distill_gain_defaults(distill_gain):
     a = distill_gain.parse_args([])
-    assert a.methods == ["tar", "tbd"] and a.seeds == [0, 1, 2] and a.iters == 300
+    assert a.methods == ["tar", "tbd"] and a.seeds == [0, 1, 2] and a.iters == 200
     assert a.runs == "output/runs" and a.output == "output/benchmarks/distill_gain.json"
     assert a.teacher_weights == {} and a.opts == []
     assert distill_gain.full_row("tar")[0] == "full TAR" and distill_gain.full_row("tbd")[0] == "full TBD"
