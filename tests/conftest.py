@@ -51,6 +51,7 @@ def make_random_checkpoint(config_file: str, out_dir) -> str:
     from d2_distill.engine import setup_cfg
 
     cfg = setup_cfg(config_file, ["MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)  # the same random teacher in every session
     model = build_model(cfg)
     out_dir = str(out_dir)
     os.makedirs(out_dir, exist_ok=True)
