@@ -31,7 +31,7 @@ def _test_session_env(tmp_path_factory):
     set_here = "D2_DISTILL_DATA" not in os.environ
     if set_here:
         os.environ["D2_DISTILL_DATA"] = str(tmp_path_factory.mktemp("d2_distill_data"))
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("D2_DISTILL_TEST_THREADS", "2")))
     yield
     if set_here:
         os.environ.pop("D2_DISTILL_DATA", None)

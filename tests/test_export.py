@@ -297,7 +297,7 @@ def test_roundtrip_in_vanilla_detectron2(distilled, val_images, tmp_path):
         assert len(ours) > 0, "a comparison of empty predictions proves nothing"
         assert theirs[f"boxes{i}"].shape == (len(ours), 4)
         np.testing.assert_array_equal(theirs[f"classes{i}"], ours.pred_classes.numpy())
-        np.testing.assert_allclose(theirs[f"boxes{i}"], ours.pred_boxes.tensor.numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(theirs[f"boxes{i}"], ours.pred_boxes.tensor.numpy(), rtol=1e-6, atol=1e-4)  # px; float noise of other thread counts
         np.testing.assert_allclose(theirs[f"scores{i}"], ours.scores.numpy(), rtol=0, atol=1e-5)
 
 
