@@ -2,7 +2,8 @@
 
 * ``_test_session_env`` (autouse, session): points ``$D2_DISTILL_DATA`` at a
   session temporary folder unless the caller already set it (CI may set it to
-  reuse a cache of generated datasets), and limits torch to 2 threads.
+  reuse a cache of generated datasets), and sets torch to $D2_DISTILL_TEST_THREADS
+  threads (default 1).
 * ``make_random_checkpoint(config_file, out_dir)``: a plain detectron2 model with
   its random initialisation, saved as ``out_dir/model_final.pth`` -- a stand-in
   for a trained teacher (the checkpoint format is what matters, not accuracy).
@@ -27,11 +28,12 @@ QUICKSTART = os.path.join(REPO_ROOT, "configs", "quickstart")
 
 @pytest.fixture(scope="session", autouse=True)
 def _test_session_env(tmp_path_factory):
-    """$D2_DISTILL_DATA -> a session tmp dir (unless set by the caller); 2 torch threads."""
+    """$D2_DISTILL_DATA -> a session tmp dir (unless set by the caller); torch threads =
+    $D2_DISTILL_TEST_THREADS (default 1: the tiny test models gain nothing from more)."""
     set_here = "D2_DISTILL_DATA" not in os.environ
     if set_here:
         os.environ["D2_DISTILL_DATA"] = str(tmp_path_factory.mktemp("d2_distill_data"))
-    torch.set_num_threads(int(os.environ.get("D2_DISTILL_TEST_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("D2_DISTILL_TEST_THREADS", "1")))
     yield
     if set_here:
         os.environ.pop("D2_DISTILL_DATA", None)
