@@ -91,7 +91,7 @@ def markdown(summary: dict) -> str:
         vals = []
         for c in cols:
             v = r.get(c)
-            vals.append("-" if v is None else (f"{100 * v:.1f} %" if c == "harmonious_ratio" else f"{v:.1f}"))
+            vals.append("-" if v is None else (f"{100 * v:.1f} %" if c == "harmonious_ratio" else f"{v:.2f}"))
         lines.append(f"| {r['row']} | " + " | ".join(vals) + f" | {r.get('train_seconds', '-')} |")
     return "\n".join(lines)
 
