@@ -6,6 +6,7 @@ import os
 from typing import List, Sequence
 
 import torch
+from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
@@ -66,3 +67,15 @@ def fake_batch(n: int = 2, size: int = 128, boxes_per_image: int = 2, seed: int 
         img = torch.randint(0, 256, (3, size, size), generator=g).float()
         out.append({"image": img, "instances": inst, "height": size, "width": size})
     return out
+
+
+class Interrupt(HookBase):
+    """Stops training with an exception after iteration ``at`` (after its checkpoint),
+    as a killed job would."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def after_step(self):
+        if self.trainer.iter == self.at:
+            raise KeyboardInterrupt(f"interrupted after iteration {self.at}")

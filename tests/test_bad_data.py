@@ -31,16 +31,6 @@ DATASET = "shapes_bad_boxes"
 KINDS = ("empty", "degenerate_only", "mixed", "normal")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """1 intra-op thread: on a busy 2-core machine 2 threads are ~10x slower (they wait
-    for each other), and the result does not depend on it within a test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _annotations(kind: str, real: list, next_id) -> list:
     x, y, w, h = real[0]["bbox"]
     zero_w = {"bbox": [x, y, 0.0, h], "area": 0.0}

@@ -6,14 +6,13 @@ import os
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import HookBase
 from detectron2.utils.events import EventStorage
 
 from d2_distill.engine import DistillCheckpointer, DistillTrainer, setup_cfg
 from d2_distill.modeling import Distiller
 from d2_distill.modeling.teacher import resolve_config_file
 
-from helpers import ROOT, build, cfg_for, fake_batch, train
+from helpers import Interrupt, ROOT, build, cfg_for, fake_batch, train
 
 FEATURE_OPTS = ("DISTILL.METHOD", "FEATURE")
 
@@ -109,24 +108,13 @@ def test_model_weights_initialise_the_student(frcnn_teacher_weights, tmp_path):
         assert torch.equal(student[k], v), k
 
 
-class _Interrupt(HookBase):
-    """Stops training with an exception after iteration ``at`` (after its checkpoint)."""
-
-    def __init__(self, at: int):
-        self.at = at
-
-    def after_step(self):
-        if self.trainer.iter == self.at:
-            raise KeyboardInterrupt(f"interrupted after iteration {self.at}")
-
-
 def test_resume_continues_schedule(frcnn_teacher_weights, tmp_path):
     cfg = cfg_for(
         "tar_faster_rcnn.yaml", "SOLVER.CHECKPOINT_PERIOD", "2", *FEATURE_OPTS, "DISTILL.SCHEDULE.KIND", "linear",
         teacher=frcnn_teacher_weights, out_dir=tmp_path, iters=4,
     )
     first = DistillTrainer(cfg)
-    first.register_hooks([_Interrupt(at=1)])
+    first.register_hooks([Interrupt(at=1)])
     first.resume_or_load(resume=False)
     with pytest.raises(KeyboardInterrupt):
         first.train()

@@ -4,37 +4,15 @@ import os
 
 import pytest
 import torch
-from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 
 from d2_distill.engine import DistillTrainer
 from d2_distill.engine.trainer import SkipSampler
 
-from helpers import cfg_for
+from helpers import Interrupt, cfg_for
 
 MAX_ITER = 4
 OPTS = ("SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()")
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """1 intra-op thread: on a busy 2-core machine 2 threads are ~10x slower (they wait
-    for each other), and the result does not depend on it within a test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class _Interrupt(HookBase):
-    """Stops training with an exception after iteration ``at`` (after its checkpoint)."""
-
-    def __init__(self, at: int):
-        self.at = at
-
-    def after_step(self):
-        if self.trainer.iter == self.at:
-            raise KeyboardInterrupt(f"interrupted after iteration {self.at}")
 
 
 def _trainer(cfg, seed: int) -> DistillTrainer:
@@ -82,7 +60,7 @@ def test_resume_is_exact(frcnn_teacher_weights, tmp_path):
     whole.train()
 
     first = _trainer(cfg_b, cfg_b.SEED)
-    first.register_hooks([_Interrupt(at=1)])
+    first.register_hooks([Interrupt(at=1)])
     first.resume_or_load(resume=False)
     with pytest.raises(KeyboardInterrupt):
         first.train()
