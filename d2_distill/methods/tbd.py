@@ -124,25 +124,25 @@ class TBDMethod(DistillMethod):
         t_anchors = Boxes.cat(t_anchors).tensor
         t_transform = self.teacher[0].model.box2box_transform
         t_boxes = t_transform.apply_deltas(t_deltas.reshape(-1, 4), t_anchors.repeat(N, 1)).view(N, R, 4)
-        t_prob = (t_logits.float() / self.temperature).sigmoid() if self.temperature != 1 else t_logits.float().sigmoid()
+        t_prob = t_logits.float().sigmoid()  # s_T = sigma(z_T): Harmony Score and the TFD mask (no temperature)
 
         pos = (gt_labels >= 0) & (gt_labels < K)
         losses: Dict[str, torch.Tensor] = {}
         if self.hd_weight > 0:
             losses["loss_tbd_hd"] = self.hd_weight * self._hd_loss(
-                s_logits, t_logits, s_deltas, s_anchors, t_boxes, gt_labels, gt_boxes, pos
+                s_logits, t_logits, t_prob, s_deltas, s_anchors, t_boxes, gt_labels, gt_boxes, pos
             )
         if self.tfd is not None:
             losses["loss_tbd_tfd"] = self.tfd_weight * self._tfd_loss(step, r, t_logits, t_boxes, t_prob)
         return losses
 
-    def _hd_loss(self, s_logits, t_logits, s_deltas, s_anchors, t_boxes, gt_labels, gt_boxes, pos):
+    def _hd_loss(self, s_logits, t_logits, t_prob, s_deltas, s_anchors, t_boxes, gt_labels, gt_boxes, pos):
         K = self.num_classes
         valid = gt_labels >= 0
         n_pos = pos.sum().clamp(min=1).float()
         # Harmony Score on positive anchors: teacher score of the GT class vs its IoU with the GT.
         y = gt_labels.clamp(0, K - 1)
-        s_score = t_logits.float().sigmoid().gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (N, R)
+        s_score = t_prob.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (N, R)
         iou = rowwise_iou(t_boxes.reshape(-1, 4), gt_boxes.reshape(-1, 4)).view_as(s_score)
         hs = torch.where(pos, harmony_score(s_score, iou, self.quality_exp), torch.zeros_like(s_score))
         w = torch.where(pos, hs, torch.full_like(hs, self.hd_neg_weight)) * valid
