@@ -19,8 +19,8 @@ import time
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
-from benchmarks.ablation import SETUPS, run_folder, schedule_opts  # noqa: E402
-from d2_distill.engine.runs import ensure_trained, evaluate, train_and_evaluate  # noqa: E402
+from benchmarks.ablation import SETUPS, check_iters, default_iters, run_folder, schedule_opts  # noqa: E402
+from d2_distill.engine.runs import ensure_trained, evaluate, setup_logging, train_and_evaluate  # noqa: E402
 
 DISTILLED_ROW = {"tar": "full TAR", "tbd": "full TBD"}
 
@@ -28,21 +28,39 @@ DISTILLED_ROW = {"tar": "full TAR", "tbd": "full TBD"}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=sorted(SETUPS), default="tar", help="tar (default) or tbd")
-    p.add_argument("--iters", type=int, default=200, help="student schedule (SOLVER.MAX_ITER), default 200")
+    p.add_argument("--iters", type=int, default=None,
+                   help="student schedule (SOLVER.MAX_ITER); default: the student config's own (400)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="output/runs", help="run cache and figure folder")
     p.add_argument("--timing-images", type=int, default=20, help="validation images for inference ms/image")
+    p.add_argument("--teacher-weights", default="",
+                   help="use this teacher checkpoint instead of training (or reusing) the quickstart teacher")
+    p.add_argument("opts", nargs=argparse.REMAINDER,
+                   help="extra config opts (KEY VALUE ...) for the student runs and the teacher's evaluation")
     args = p.parse_args(argv)
-    if args.iters <= 0:
-        p.error(f"--iters must be positive, got {args.iters}")
+    if args.opts and args.opts[0] == "--":
+        args.opts = args.opts[1:]
+    if len(args.opts) % 2:
+        p.error(f"opts must be KEY VALUE pairs, got {args.opts}")
+    if args.teacher_weights and "://" not in args.teacher_weights and not os.path.isfile(args.teacher_weights):
+        p.error(f"--teacher-weights: no such file {args.teacher_weights!r}")
+    if args.timing_images <= 0:
+        p.error(f"--timing-images must be positive, got {args.timing_images}")
+    check_iters(p, args.iters)
+    if args.iters is None:
+        args.iters = default_iters(args.method)
     return args
 
 
 def measure(config_file: str, opts, weights: str, num_images: int) -> dict:
-    """Parameters, GFLOPs (fvcore, one 256 px image) and eval-mode ms/image on CPU."""
+    """Parameters, GFLOPs (fvcore, one test-size image) and eval-mode ms/image on CPU.
+
+    Images are resized like detectron2's DefaultPredictor and the evaluator's
+    test mapper do (ResizeShortestEdge to INPUT.MIN/MAX_SIZE_TEST)."""
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog
+    from detectron2.data import transforms as T
     from detectron2.data.detection_utils import read_image
     from detectron2.modeling import build_model
     from detectron2.utils.analysis import FlopCountAnalysis
@@ -62,10 +80,12 @@ def measure(config_file: str, opts, weights: str, num_images: int) -> dict:
         DetectionCheckpointer(model).load(weights)
     model.eval()
     dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])[:num_images]
+    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    images = [read_image(d["file_name"], cfg.INPUT.FORMAT) for d in dicts]
     inputs = [
-        {"image": torch.as_tensor(read_image(d["file_name"], "BGR").transpose(2, 0, 1).copy()),
+        {"image": torch.as_tensor(resize.get_transform(im).apply_image(im).transpose(2, 0, 1).copy()),
          "height": d["height"], "width": d["width"]}
-        for d in dicts
+        for im, d in zip(images, dicts)
     ]
     with torch.no_grad():
         flops = FlopCountAnalysis(model, [inputs[0]])
@@ -121,12 +141,14 @@ def figure(rows, histories, path: str, title: str) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    setup_logging()
     rows_def, teacher_cfg, _ = SETUPS[args.method]
     start = time.perf_counter()
     print(f"[demo] 1/4 teacher ({teacher_cfg})", flush=True)
-    teacher = ensure_trained(teacher_cfg)
-    common = schedule_opts(args.iters, args.seed)
+    teacher = args.teacher_weights or ensure_trained(teacher_cfg)
+    common = schedule_opts(args.iters, args.seed) + list(args.opts)
     harmony = ["DISTILL.EVAL.HARMONY", "True"] if args.method == "tbd" else []
+    teacher_opts = list(args.opts) + harmony
     plain_name, plain_cfg, plain_opts = rows_def[0]
     dist_name, dist_cfg, dist_opts = next(r for r in rows_def if r[0] == DISTILLED_ROW[args.method])
     print(f"[demo] 2/4 plain student ({plain_cfg}, {args.iters} iterations)", flush=True)
@@ -137,7 +159,8 @@ def main(argv=None):
 
     print("[demo] 4/4 evaluation and measurements", flush=True)
     table = [
-        {"model": "teacher", **evaluate(teacher_cfg, harmony, teacher), **measure(teacher_cfg, [], teacher, args.timing_images)},
+        {"model": "teacher", **evaluate(teacher_cfg, teacher_opts, teacher),
+         **measure(teacher_cfg, teacher_opts, teacher, args.timing_images)},
         {"model": "plain student", **plain["metrics"],
          **measure(plain_cfg, plain["opts"], os.path.join(run_folder(args, plain_name), "model_final.pth"), args.timing_images)},
         {"model": f"{args.method.upper()} student", **distilled["metrics"],
@@ -146,7 +169,7 @@ def main(argv=None):
     cols = ["AP", "AP50", "AP75"] + (["harmonious_ratio"] if args.method == "tbd" else []) + ["params_M", "GFLOPs", "ms_per_image"]
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in table:
-        lines.append(f"| {r['model']} | " + " | ".join(f"{r.get(c, float('nan')):.{3 if c == 'harmonious_ratio' else 1}f}" for c in cols) + " |")
+        lines.append(f"| {r['model']} | " + " | ".join(f"{r.get(c, float('nan')):.{3 if c == 'harmonious_ratio' else 2}f}" for c in cols) + " |")
     os.makedirs(args.output, exist_ok=True)
     fig_path = os.path.join(args.output, f"demo_{args.method}.png")
     figure(table, {"plain student": detection_loss(plain["loss_history"]),
@@ -156,8 +179,9 @@ def main(argv=None):
         json.dump({"rows": table, "iters": args.iters, "seed": args.seed}, f, indent=1)
     print("\n" + "\n".join(lines))
     gain = table[2]["AP"] - table[1]["AP"]
-    print(f"\n{args.method.upper()} student vs plain student: {gain:+.1f} AP; figure: {fig_path}; "
+    print(f"\n{args.method.upper()} student vs plain student: {gain:+.2f} AP; figure: {fig_path}; "
           f"wall time {time.perf_counter() - start:.0f} s")
+    return {"rows": table, "figure": fig_path, "markdown": "\n".join(lines)}
 
 
 if __name__ == "__main__":

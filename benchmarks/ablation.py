@@ -17,7 +17,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from d2_distill.engine.runs import ensure_trained, evaluate, train_and_evaluate  # noqa: E402
+from d2_distill.engine.runs import ensure_trained, evaluate, setup_logging, train_and_evaluate  # noqa: E402
 
 QS = "configs/quickstart"
 TAR_ROWS = [
@@ -43,15 +43,29 @@ SETUPS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=sorted(SETUPS), required=True)
-    p.add_argument("--iters", type=int, default=200, help="student schedule (SOLVER.MAX_ITER), default 200")
+    p.add_argument("--iters", type=int, default=None,
+                   help="student schedule (SOLVER.MAX_ITER); default: the student config's own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="output/runs", help="folder for runs (shared with demo.py) and the JSON summary")
     p.add_argument("--rows", nargs="*", help="only these row names (default: all)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra config opts for every student run")
     args = p.parse_args(argv)
-    if args.iters <= 0:
-        p.error(f"--iters must be positive, got {args.iters}")
+    check_iters(p, args.iters)
+    if args.iters is None:
+        args.iters = default_iters(args.method)
     return args
+
+
+def check_iters(p: argparse.ArgumentParser, iters) -> None:
+    if iters is not None and iters <= 0:
+        p.error(f"--iters must be positive, got {iters}")
+
+
+def default_iters(method: str) -> int:
+    """The plain student config's SOLVER.MAX_ITER: the schedule the quickstart is sized for."""
+    from d2_distill.engine import setup_cfg
+
+    return setup_cfg(os.path.join(ROOT, SETUPS[method][0][0][1])).SOLVER.MAX_ITER
 
 
 def schedule_opts(iters: int, seed: int):
@@ -98,6 +112,7 @@ def markdown(summary: dict) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    setup_logging()
     summary = run(args)
     os.makedirs(args.output, exist_ok=True)
     path = os.path.join(args.output, f"{args.method}_seed{args.seed}.json")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Plain vs distilled student AP over several seeds: is the gain larger than seed noise?
 
-    python benchmarks/distill_gain.py                       # TAR and TBD, seeds 0 1 2, 300 iterations
+    python benchmarks/distill_gain.py                       # TAR and TBD, seeds 0 1 2
     python benchmarks/distill_gain.py --methods tbd --seeds 0 1 2 3 4
 
 For every method and seed it trains and evaluates the ablation's "plain student"
@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.ablation import SETUPS, run_folder, schedule_opts  # noqa: E402
+from benchmarks.ablation import SETUPS, check_iters, default_iters, run_folder, schedule_opts  # noqa: E402
 
 METRIC = "AP"
 
@@ -69,7 +69,8 @@ def parse_args(argv=None):
                    help=f"methods to compare, any of {', '.join(sorted(SETUPS))} (default: tar tbd)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
                    help="training seeds (default 0 1 2); seed 0 runs are the ablation's")
-    p.add_argument("--iters", type=int, default=200, help="student schedule (SOLVER.MAX_ITER), default 200")
+    p.add_argument("--iters", type=int, default=None,
+                   help="student schedule (SOLVER.MAX_ITER); default: each student config's own")
     p.add_argument("--runs", default="output/runs",
                    help="folder of the runs, shared with ablation.py and demo.py (default output/runs)")
     p.add_argument("--output", default="output/benchmarks/distill_gain.json", help="JSON written here")
@@ -94,8 +95,7 @@ def parse_args(argv=None):
     negative = [s for s in args.seeds if s < 0]
     if negative:
         p.error(f"--seeds must be >= 0 (detectron2 draws a random seed for a negative SEED), got {negative}")
-    if args.iters <= 0:
-        p.error(f"--iters must be positive, got {args.iters}")
+    check_iters(p, args.iters)
     if args.opts and len(args.opts) % 2:
         p.error(f"opts must be KEY VALUE pairs, got {args.opts}")
     args.teacher_weights = _parse_teacher_weights(p, args.teacher_weights, args.methods)
@@ -125,10 +125,11 @@ def run_method(method: str, args, teacher: str) -> Dict:
     rows = SETUPS[method][0]
     plain_name, plain_cfg, plain_opts = rows[0]
     full_name, full_cfg, full_opts = full_row(method)
+    iters = args.iters or default_iters(method)
     per_seed = []
     for seed in args.seeds:
-        where = SimpleNamespace(output=args.runs, method=method, iters=args.iters, seed=seed)
-        common = schedule_opts(args.iters, seed) + list(args.opts or [])
+        where = SimpleNamespace(output=args.runs, method=method, iters=iters, seed=seed)
+        common = schedule_opts(iters, seed) + list(args.opts or [])
         # exactly the ablation's opts (common + row + teacher), so the runs are shared
         plain_dir = run_folder(where, plain_name)
         plain = train_and_evaluate(plain_cfg, common + plain_opts, plain_dir)
@@ -145,6 +146,7 @@ def run_method(method: str, args, teacher: str) -> Dict:
         "plain_row": plain_name,
         "distilled_row": full_name,
         "teacher_weights": teacher,
+        "iters": iters,
         "seeds": list(args.seeds),
         "plain_AP": plain_ap,
         "distilled_AP": dist_ap,
@@ -168,7 +170,6 @@ def run(args) -> Dict:
         )
     summary = {
         "metric": METRIC,
-        "iters": args.iters,
         "seeds": list(args.seeds),
         "runs": args.runs,
         "opts": list(args.opts or []),
@@ -184,21 +185,21 @@ def run(args) -> Dict:
 def _fmt(v: Optional[float], signed: bool = False) -> str:
     if v is None or math.isnan(v):
         return "nan"
-    return f"{v:+.1f}" if signed else f"{v:.1f}"
+    return f"{v:+.2f}" if signed else f"{v:.2f}"
 
 
 def markdown(summary: Dict) -> str:
     lines = [
-        f"{summary['metric']} on the built-in dataset, {summary['iters']} iterations, seeds "
+        f"{summary['metric']} on the built-in dataset, seeds "
         f"{' '.join(map(str, summary['seeds']))} (mean ± sample std)",
         "",
-        "| method | plain | distilled | distilled − plain per seed | mean gain | better on every seed |",
-        "|---|---|---|---|---|---|",
+        "| method | iterations | plain | distilled | distilled − plain per seed | mean gain | better on every seed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m, r in summary["methods"].items():
         per = ", ".join(f"{_fmt(d, True)} (seed {s})" for s, d in zip(r["seeds"], r["diff"]))
         lines.append(
-            f"| {m.upper()} | {_fmt(r['plain_mean'])} ± {_fmt(r['plain_std'])} "
+            f"| {m.upper()} | {r['iters']} | {_fmt(r['plain_mean'])} ± {_fmt(r['plain_std'])} "
             f"| {_fmt(r['distilled_mean'])} ± {_fmt(r['distilled_std'])} | {per} "
             f"| {_fmt(r['diff_mean'], True)} ± {_fmt(r['diff_std'])} "
             f"| {'yes' if r['distilled_better_every_seed'] else 'no'} |"
@@ -219,6 +220,9 @@ def _json_safe(x):
 
 def main(argv=None):
     args = parse_args(argv)
+    from d2_distill.engine.runs import setup_logging
+
+    setup_logging()
     summary = run(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:

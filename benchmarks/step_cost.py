@@ -91,8 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--memory-iters", type=int, default=1,
                    help="iterations per phase measuring peak memory, after the timed ones (default 1)")
     p.add_argument("--batch", type=int, default=2, help="images per step (default 2)")
-    p.add_argument("--quickstart-size", type=int, default=256,
-                   help="input short side of the quickstart pairs, px (default 256)")
+    p.add_argument("--quickstart-size", type=int, default=192,
+                   help="input short side of the quickstart pairs, px (default 192, the quickstart configs' INPUT size)")
     p.add_argument("--coco-size", type=int, default=320,
                    help="input short side of the model-zoo-sized COCO pairs, px (default 320)")
     p.add_argument("--device", default=default_device(), help="cuda, cuda:N or cpu (default: cuda if available)")

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from d2_distill.engine import setup_cfg
 from helpers import ROOT, SMALL, cfg_for, fake_batch
 
 
@@ -34,7 +35,7 @@ def test_step_cost_defaults(step_cost):
     a = step_cost.parse_args([])
     assert a.pairs == ["tar_quickstart", "tbd_quickstart", "tar_coco", "tbd_coco"]
     assert (a.iters, a.warmup, a.batch, a.memory_iters) == (10, 2, 2, 1)
-    assert (a.quickstart_size, a.coco_size) == (256, 320)
+    assert (a.quickstart_size, a.coco_size) == (192, 320)
     assert a.device == step_cost.default_device()
     assert a.output == "output/benchmarks/step_cost.json"
     assert a.dataset == "shapes_val" and a.opts == [] and a.lr == 0.0
@@ -138,7 +139,7 @@ def test_step_cost_tiny_run(step_cost, tmp_path, capsys):
 # ---- distill_gain: arguments -----------------------------------------------------
 def test_distill_gain_defaults(distill_gain):
     a = distill_gain.parse_args([])
-    assert a.methods == ["tar", "tbd"] and a.seeds == [0, 1, 2] and a.iters == 200
+    assert a.methods == ["tar", "tbd"] and a.seeds == [0, 1, 2] and a.iters is None  # each student config's own
     assert a.runs == "output/runs" and a.output == "output/benchmarks/distill_gain.json"
     assert a.teacher_weights == {} and a.opts == []
     assert distill_gain.full_row("tar")[0] == "full TAR" and distill_gain.full_row("tbd")[0] == "full TBD"
@@ -194,7 +195,7 @@ def test_distill_gain_tiny_run(distill_gain, tmp_path, capsys, monkeypatch, requ
     distill_gain.main(argv)
     summary = json.loads(out.read_text())
     r = summary["methods"]["tar"]
-    assert summary["seeds"] == [0] and summary["iters"] == 2 and r["teacher_weights"] == frcnn_teacher_weights
+    assert summary["seeds"] == [0] and r["iters"] == 2 and r["teacher_weights"] == frcnn_teacher_weights
     assert len(r["plain_AP"]) == len(r["distilled_AP"]) == len(r["diff"]) == 1
     plain, dist = r["plain_AP"][0], r["distilled_AP"][0]
     assert isinstance(plain, float) and isinstance(dist, float)
@@ -208,7 +209,7 @@ def test_distill_gain_tiny_run(distill_gain, tmp_path, capsys, monkeypatch, requ
     assert frcnn_teacher_weights in seed0["distilled"]["command"]
     assert "DISTILL.TEACHER.WEIGHTS" not in seed0["plain"]["command"]
     printed = capsys.readouterr().out
-    assert "| TAR |" in printed and "(seed 0)" in printed
+    assert "| TAR | 2 |" in printed and "(seed 0)" in printed
 
     # cached: a second call trains nothing and reports the same numbers
     results = [os.path.join(seed0[k]["run"], "results.json") for k in ("plain", "distilled")]
@@ -217,3 +218,70 @@ def test_distill_gain_tiny_run(distill_gain, tmp_path, capsys, monkeypatch, requ
     assert [os.path.getmtime(p) for p in results] == mtimes
     assert again["methods"]["tar"]["diff"][0] == pytest.approx(r["diff"][0])
     assert not math.isnan(again["methods"]["tar"]["plain_mean"])
+
+
+# ---- demo.py and ablation.py -----------------------------------------------------
+@pytest.fixture(scope="module")
+def demo():
+    spec = importlib.util.spec_from_file_location("_demo", os.path.join(ROOT, "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    return _load("ablation")
+
+
+def test_default_schedule_is_the_student_configs(demo, ablation):
+    """--iters defaults to the plain student config's SOLVER.MAX_ITER, so the configs
+    are the one place the quickstart schedule is set."""
+    for method in ("tar", "tbd"):
+        iters = setup_cfg(os.path.join(ROOT, ablation.SETUPS[method][0][0][1])).SOLVER.MAX_ITER
+        assert demo.parse_args(["--method", method]).iters == iters
+        assert ablation.parse_args(["--method", method]).iters == iters
+    assert demo.parse_args(["--iters", "7"]).iters == 7
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--iters", "0"], "--iters must be positive"),
+        (["--method", "fgd"], "invalid choice"),
+        (["--teacher-weights", "/no/such/teacher.pth"], "no such file"),
+        (["--timing-images", "0"], "--timing-images must be positive"),
+        (["SOLVER.MAX_ITER"], "KEY VALUE"),
+    ],
+)
+def test_demo_bad_args(demo, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        demo.parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_tiny_run(demo, tmp_path, capsys, monkeypatch, frcnn_teacher_weights):
+    """The user's path: plain and TAR students on one schedule, the table, the figure."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "runs"
+    result = demo.main([
+        "--iters", "2", "--output", str(out), "--teacher-weights", frcnn_teacher_weights, "--timing-images", "2",
+        *SMALL, "SOLVER.STEPS", "()", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+    ])
+    rows = {r["model"]: r for r in result["rows"]}
+    assert list(rows) == ["teacher", "plain student", "TAR student"]
+    for r in rows.values():
+        assert all(k in r for k in ("AP", "AP50", "AP75", "params_M", "GFLOPs", "ms_per_image"))
+        assert r["params_M"] > 0 and r["GFLOPs"] > 0 and r["ms_per_image"] > 0
+    # what is deployed is the student alone: same size with or without distillation, smaller than the teacher
+    assert rows["TAR student"]["params_M"] == rows["plain student"]["params_M"] < rows["teacher"]["params_M"]
+    assert rows["TAR student"]["GFLOPs"] == pytest.approx(rows["plain student"]["GFLOPs"])
+    with open(result["figure"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "demo_tar.json").read_text())
+    assert [r["model"] for r in saved["rows"]] == list(rows) and saved["iters"] == 2
+    printed = capsys.readouterr().out
+    assert "| TAR student |" in printed and "[demo] 4/4" in printed
+    for name in ("plain_student", "full_TAR"):
+        assert os.path.isfile(out / "tar" / "iters2_seed0" / name / "model_final.pth")

@@ -3,11 +3,16 @@
 A run is (config file, opts, output dir). ``train_and_evaluate`` trains with
 DistillTrainer, evaluates with the config's evaluators and writes
 ``results.json`` (metrics, wall time, the exact command that reproduces it). A
-run whose ``results.json`` exists and was made with the same config and opts is
-not repeated: delete the folder to redo it.
+run whose ``results.json`` exists and was made with the same config file, opts
+and *fingerprint* is not repeated: delete the folder to redo it. The fingerprint
+is a hash of the fully merged config (so an edited YAML file invalidates the
+cache) and of the teacher checkpoint's bytes (so a retrained teacher does too).
+A stale folder is never overwritten: it is renamed to ``<folder>.stale-N``
+before the run is redone.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,9 +23,19 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from .trainer import DistillTrainer, setup_cfg
 
-__all__ = ["train_and_evaluate", "evaluate", "ensure_trained", "flat_metrics"]
+__all__ = ["train_and_evaluate", "evaluate", "ensure_trained", "flat_metrics", "fingerprint", "setup_logging"]
 
 logger = logging.getLogger("d2_distill.runs")
+
+
+def setup_logging() -> None:
+    """Show detectron2's progress (ETA lines, evaluation tables) and d2_distill's
+    messages (reused or stale runs) on the console, once per process."""
+    from detectron2.utils.logger import setup_logger
+
+    for name in ("detectron2", "d2_distill"):
+        if not logging.getLogger(name).handlers:
+            setup_logger(name=name)
 
 
 def _command(config_file: str, opts: Sequence[str]) -> str:
@@ -39,18 +54,56 @@ def flat_metrics(results: Dict) -> Dict[str, float]:
     return out
 
 
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(cfg) -> str:
+    """sha256 of what determines a run's result: the merged config (minus the
+    device and the output folder, which do not) and the teacher checkpoint's bytes."""
+    def plain(x):  # CfgNode -> dict, tuple -> list: a dump-independent canonical form
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+    c = plain(cfg)
+    c["MODEL"]["DEVICE"], c["OUTPUT_DIR"] = "", ""
+    h = hashlib.sha256(json.dumps(c, sort_keys=True).encode())
+    teacher = c.get("DISTILL", {}).get("TEACHER", {}).get("WEIGHTS", "")
+    if c["MODEL"]["META_ARCHITECTURE"] == "Distiller" and teacher and os.path.isfile(teacher):
+        h.update(_file_sha256(teacher).encode())
+    return h.hexdigest()
+
+
+def _set_aside(folder: str, why: str) -> str:
+    """Rename a stale run folder to ``<folder>.stale-N`` (nothing is deleted)."""
+    n = 1
+    while os.path.exists(f"{folder}.stale-{n}"):
+        n += 1
+    os.rename(folder, f"{folder}.stale-{n}")
+    logger.warning("%s: %s; moved it to %s.stale-%d and training again", folder, why, folder, n)
+    return f"{folder}.stale-{n}"
+
+
 def train_and_evaluate(
     config_file: str, opts: Sequence[str], output_dir: str, *, force: bool = False
 ) -> Dict:
     opts = [str(o) for o in opts] + ["OUTPUT_DIR", output_dir]
     path = os.path.join(output_dir, "results.json")
+    cfg = setup_cfg(config_file, opts)
+    key = fingerprint(cfg)
     if not force and os.path.isfile(path):
         with open(path) as f:
             cached = json.load(f)
         if cached.get("config_file") == config_file and cached.get("opts") == opts:
-            logger.info("Reusing %s", path)
-            return cached
-    cfg = setup_cfg(config_file, opts)
+            if cached.get("fingerprint") == key:
+                logger.info("Reusing %s", path)
+                return cached
+            _set_aside(output_dir, "the config or the teacher checkpoint changed since this run")
     os.makedirs(output_dir, exist_ok=True)
     start = time.perf_counter()
     trainer = DistillTrainer(cfg)
@@ -62,6 +115,7 @@ def train_and_evaluate(
         "config_file": config_file,
         "opts": opts,
         "command": _command(config_file, opts),
+        "fingerprint": key,
         "train_and_eval_seconds": round(time.perf_counter() - start, 1),
         "train_seconds": round(train_s, 1),
         "max_iter": cfg.SOLVER.MAX_ITER,
@@ -85,13 +139,36 @@ def evaluate(config_file: str, opts: Sequence[str], weights: str) -> Dict[str, f
     return flat_metrics(DistillTrainer.test(cfg, model))
 
 
+def _trained_with(folder: str) -> Optional[str]:
+    """Fingerprint of the config a finished training in ``folder`` used: from its
+    results.json, else from the config.yaml that ``train_net.py`` dumps there."""
+    results = os.path.join(folder, "results.json")
+    if os.path.isfile(results):
+        with open(results) as f:
+            key = json.load(f).get("fingerprint")
+        if key:
+            return key
+    dumped = os.path.join(folder, "config.yaml")
+    if os.path.isfile(dumped):
+        return fingerprint(setup_cfg(dumped))
+    return None
+
+
 def ensure_trained(config_file: str, opts: Optional[List[str]] = None) -> str:
-    """Train ``config_file`` into its OUTPUT_DIR unless ``model_final.pth`` is there; return its path."""
+    """Train ``config_file`` into its OUTPUT_DIR unless a ``model_final.pth`` trained
+    with the same config is there; return its path. A checkpoint trained with another
+    config (an edited YAML file) is set aside, not reused and not overwritten."""
     cfg = setup_cfg(config_file, list(opts or []))
     final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     if os.path.isfile(final):
-        logger.info("Reusing %s", final)
-        return final
+        used = _trained_with(cfg.OUTPUT_DIR)
+        if used is None:
+            logger.warning("Reusing %s: no results.json or config.yaml beside it to check its config", final)
+            return final
+        if used == fingerprint(cfg):
+            logger.info("Reusing %s", final)
+            return final
+        _set_aside(cfg.OUTPUT_DIR, f"{final} was trained with another config than {config_file}")
     logger.info("Training %s into %s", config_file, cfg.OUTPUT_DIR)
     train_and_evaluate(config_file, list(opts or []), cfg.OUTPUT_DIR, force=True)
     return final

@@ -74,6 +74,7 @@ passes ``device_ids=None`` for CPU models.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -104,6 +105,11 @@ __all__ = ["DistillTrainer", "setup_cfg", "RNGStateHook", "SkipSampler", "get_rn
 logger = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_cpu_fallback(device: str) -> None:  # once per process, not once per config
+    logging.getLogger("d2_distill").warning("MODEL.DEVICE=%s but CUDA is not available: using cpu", device)
+
+
 def setup_cfg(config_file: str, opts: Optional[List[str]] = None, args=None) -> CfgNode:
     """Build the frozen config the detectron2 way: defaults + DISTILL node + file + opts.
 
@@ -118,9 +124,7 @@ def setup_cfg(config_file: str, opts: Optional[List[str]] = None, args=None) -> 
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts or []))
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logging.getLogger("d2_distill").warning(
-            "MODEL.DEVICE=%s but CUDA is not available: using cpu", cfg.MODEL.DEVICE
-        )
+        _warn_cpu_fallback(cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     if args is not None:

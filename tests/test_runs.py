@@ -1,0 +1,104 @@
+"""d2_distill.engine.runs: the run cache the demo and the benchmarks share.
+
+A cached run or teacher is reused only when it was made with the same merged
+config and (for a distiller) the same teacher checkpoint bytes; a stale one is
+moved aside, never overwritten or reused."""
+import json
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+
+from d2_distill.engine import setup_cfg
+from d2_distill.engine.runs import ensure_trained, fingerprint, train_and_evaluate
+from helpers import SMALL, qs
+
+STUDENT = qs("faster_rcnn_R18_FPN_student.yaml")
+TAR = qs("tar_faster_rcnn.yaml")
+ONE_ITER = list(SMALL) + ["SOLVER.MAX_ITER", "1", "SOLVER.STEPS", "()"]
+
+
+def test_fingerprint_ignores_device_and_output_dir_but_not_the_config():
+    base = fingerprint(setup_cfg(STUDENT, ONE_ITER))
+    assert fingerprint(setup_cfg(STUDENT, ONE_ITER + ["OUTPUT_DIR", "/elsewhere"])) == base
+    assert fingerprint(setup_cfg(STUDENT, ONE_ITER + ["MODEL.DEVICE", "cuda"])) == base  # falls back to cpu here
+    assert fingerprint(setup_cfg(STUDENT, ONE_ITER + ["SEED", "7"])) != base
+    assert fingerprint(setup_cfg(STUDENT, ONE_ITER + ["SOLVER.BASE_LR", "0.03"])) != base
+
+
+def test_fingerprint_survives_the_config_dump(tmp_path):
+    """train_net.py dumps config.yaml (with YAML aliases and lists for tuples);
+    read back, it must give the same fingerprint as the config it came from."""
+    for name in ("faster_rcnn_R34_FPN_teacher.yaml", "retinanet_R34_FPN_teacher.yaml", "tar_faster_rcnn.yaml"):
+        cfg = setup_cfg(qs(name))
+        dumped = tmp_path / f"{name}.dump.yaml"
+        dumped.write_text(cfg.dump())
+        assert fingerprint(setup_cfg(str(dumped))) == fingerprint(cfg), name
+
+
+def test_fingerprint_follows_the_teacher_bytes(tmp_path, frcnn_teacher_weights):
+    teacher = tmp_path / "teacher.pth"
+    shutil.copy(frcnn_teacher_weights, teacher)
+    opts = ONE_ITER + ["DISTILL.TEACHER.WEIGHTS", str(teacher)]
+    before = fingerprint(setup_cfg(TAR, opts))
+    assert fingerprint(setup_cfg(TAR, opts)) == before
+    with open(teacher, "ab") as f:  # same path, other bytes: a retrained teacher
+        f.write(b"\0")
+    assert fingerprint(setup_cfg(TAR, opts)) != before
+
+
+def test_stale_distilled_run_is_set_aside_and_redone(tmp_path, frcnn_teacher_weights):
+    teacher = tmp_path / "teacher.pth"
+    shutil.copy(frcnn_teacher_weights, teacher)
+    out = str(tmp_path / "run")
+    opts = ONE_ITER + ["DISTILL.TEACHER.WEIGHTS", str(teacher)]
+    first = train_and_evaluate(TAR, opts, out)
+    assert first["fingerprint"] == fingerprint(setup_cfg(TAR, opts + ["OUTPUT_DIR", out]))
+    results = os.path.join(out, "results.json")
+    mtime = os.path.getmtime(results)
+    assert train_and_evaluate(TAR, opts, out)["fingerprint"] == first["fingerprint"]
+    assert os.path.getmtime(results) == mtime  # reused, not retrained
+
+    # the teacher is retrained at the same path: the cached student is stale
+    state = torch.load(teacher, map_location="cpu", weights_only=True)
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, teacher)
+    again = train_and_evaluate(TAR, opts, out)
+    assert again["fingerprint"] != first["fingerprint"]
+    with open(os.path.join(out + ".stale-1", "results.json")) as f:
+        assert json.load(f)["fingerprint"] == first["fingerprint"]  # the old run is kept
+    assert os.path.isfile(os.path.join(out + ".stale-1", "model_final.pth"))
+
+
+def test_ensure_trained_reuses_only_a_checkpoint_of_the_same_config(tmp_path):
+    out = str(tmp_path / "teacher")
+    opts = ONE_ITER + ["OUTPUT_DIR", out]
+    final = ensure_trained(STUDENT, opts)
+    assert final == os.path.join(out, "model_final.pth")
+    mtime = os.path.getmtime(final)
+    assert ensure_trained(STUDENT, opts) == final and os.path.getmtime(final) == mtime
+
+    # trained by train_net.py (no results.json, a config.yaml dump): still recognised
+    os.remove(os.path.join(out, "results.json"))
+    (tmp_path / "teacher" / "config.yaml").write_text(setup_cfg(STUDENT, opts).dump())
+    assert ensure_trained(STUDENT, opts) == final and os.path.getmtime(final) == mtime
+
+    # the YAML changed (here: an opt) since the checkpoint was trained: set aside, retrained
+    changed = ensure_trained(STUDENT, opts + ["SOLVER.BASE_LR", "0.005"])
+    assert changed == final and os.path.isfile(final)
+    assert os.path.isfile(os.path.join(out + ".stale-1", "model_final.pth"))
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["fingerprint"] == fingerprint(setup_cfg(STUDENT, opts + ["SOLVER.BASE_LR", "0.005"]))
+
+
+def test_ensure_trained_without_a_record_reuses_with_a_warning(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("d2_distill"), "propagate", True)  # setup_logging turns it off
+    out = tmp_path / "teacher"
+    out.mkdir()
+    (out / "model_final.pth").write_bytes(b"not checked")
+    with caplog.at_level("WARNING", logger="d2_distill.runs"):
+        path = ensure_trained(STUDENT, ONE_ITER + ["OUTPUT_DIR", str(out)])
+    assert path == str(out / "model_final.pth")
+    assert "no results.json or config.yaml" in caplog.text
