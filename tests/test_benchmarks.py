@@ -285,3 +285,53 @@ def test_demo_tiny_run(demo, tmp_path, capsys, monkeypatch, frcnn_teacher_weight
     assert "| TAR student |" in printed and "[demo] 4/4" in printed
     for name in ("plain_student", "full_TAR"):
         assert os.path.isfile(out / "tar" / "iters2_seed0" / name / "model_final.pth")
+
+
+# ---- loss_gradients.py -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def loss_gradients():
+    return _load("loss_gradients")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "--config-file"),
+        (["--config-file", "/no/such.yaml"], "no such file"),
+        (["--config-file", "__CFG__", "--batches", "0"], "--batches must be positive"),
+        (["--config-file", "__CFG__", "--student-weights", "/no/such.pth"], "no such file"),
+        (["--config-file", "__CFG__", "SOLVER.MAX_ITER"], "KEY VALUE"),
+    ],
+)
+def test_loss_gradients_bad_args(loss_gradients, capsys, argv, message):
+    cfg = os.path.join(ROOT, "configs", "quickstart", "tar_faster_rcnn.yaml")
+    with pytest.raises(SystemExit) as e:
+        loss_gradients.parse_args([a.replace("__CFG__", cfg) for a in argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_loss_gradients_tiny_run(loss_gradients, tmp_path, capsys, frcnn_teacher_weights):
+    cfg = os.path.join(ROOT, "configs", "quickstart", "tar_faster_rcnn.yaml")
+    out = tmp_path / "grads.json"
+    result = loss_gradients.main([
+        "--config-file", cfg, "--teacher-weights", frcnn_teacher_weights, "--batches", "1",
+        "--output", str(out), *SMALL,
+    ])
+    rows = result["losses"]
+    assert result["parts"] == ["backbone", "proposal_generator", "roi_heads"]
+    assert {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_tar_feat", "loss_tar_cls", "loss_tar_reg"} <= set(rows)
+    # each loss reaches exactly the parts it depends on
+    assert rows["loss_tar_feat"]["backbone"] > 0 and rows["loss_tar_feat"]["roi_heads"] == 0
+    assert rows["loss_tar_feat"]["proposal_generator"] == 0
+    assert rows["loss_rpn_cls"]["proposal_generator"] > 0 and rows["loss_rpn_cls"]["roi_heads"] == 0
+    assert rows["loss_cls"]["roi_heads"] > 0 and rows["loss_cls"]["proposal_generator"] == 0
+    assert json.loads(out.read_text())["losses"]["loss_tar_feat"]["backbone"] == pytest.approx(
+        rows["loss_tar_feat"]["backbone"])
+    assert "| loss_tar_feat |" in capsys.readouterr().out
+
+
+def test_loss_gradients_needs_a_distiller(loss_gradients):
+    with pytest.raises(SystemExit, match="needs a distiller config"):
+        loss_gradients.main(["--config-file", os.path.join(ROOT, "configs", "quickstart",
+                                                           "faster_rcnn_R18_FPN_student.yaml"), *SMALL])

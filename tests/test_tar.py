@@ -146,3 +146,36 @@ def test_tar_on_retinanet_fails_at_build(retina_teacher_weights):
     cfg = cfg_for("tbd_retinanet.yaml", "DISTILL.METHOD", "TAR", teacher=retina_teacher_weights)
     with pytest.raises(ValueError, match="TAR serves two-stage detectors"):
         build(cfg)
+
+
+def test_head_terms_are_normalised_by_all_sampled_rois(frcnn_teacher_weights, monkeypatch):
+    """loss_tar_cls / loss_tar_reg = weight * (sum over foreground RoIs) / (all sampled RoIs),
+    the normaliser detectron2 uses for loss_cls and loss_box_reg."""
+    from d2_distill.methods import tar as tar_module
+
+    seen = {}
+
+    def spy(name):
+        fn = getattr(tar_module, name)
+
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            seen[name] = (args[0].shape[0], out.detach())  # rows given, their mean
+            return out
+
+        monkeypatch.setattr(tar_module, name, wrapped)
+
+    spy("tar_cls_loss")
+    spy("tar_reg_loss")
+    cfg = cfg_for("tar_faster_rcnn.yaml", "DISTILL.TAR.CLS_GATE", "none", "DISTILL.TAR.REG_GATE", "none",
+                  "DISTILL.SCHEDULE.KIND", "constant", "DISTILL.TAR.CLS_WEIGHT", "0.5",
+                  "DISTILL.TAR.REG_WEIGHT", "2.0", teacher=frcnn_teacher_weights)
+    model = build(cfg)
+    sampled = []
+    model.student.roi_heads.box_predictor.register_forward_hook(lambda m, i, o: sampled.append(i[0].shape[0]))
+    losses = _step(model, fake_batch(2, boxes_per_image=3))
+    (n_cls, mean_cls), (n_reg, mean_reg) = seen["tar_cls_loss"], seen["tar_reg_loss"]
+    assert sampled and 0 < n_cls == n_reg < sampled[0]  # foreground RoIs only, fewer than sampled
+    assert mean_cls > 0 and mean_reg > 0  # ungated: every foreground RoI counts
+    assert losses["loss_tar_cls"].item() == pytest.approx(0.5 * mean_cls.item() * n_cls / sampled[0], rel=1e-5)
+    assert losses["loss_tar_reg"].item() == pytest.approx(2.0 * mean_reg.item() * n_reg / sampled[0], rel=1e-5)

@@ -14,8 +14,11 @@ proposal sharing), and its RPN only with ``PROPOSALS: both``.
 Losses (DESIGN §4.1): ``loss_tar_feat`` (Gaussian-masked imitation),
 ``loss_tar_cls`` (gated KL on the considered RoIs), ``loss_tar_reg`` (gated
 SmoothL1 between the student's deltas and the teacher's, re-encoded with the
-student's box transform, for the GT class). A component with weight 0 is not
-computed; with both head weights 0 the teacher's box head never runs.
+student's box transform, for the GT class). Both head terms are sums over
+their RoIs divided by the number of *sampled* RoIs, like detectron2's own
+``loss_cls`` / ``loss_box_reg``, so a weight of 1 means "as strong as the
+ground-truth term". A component with weight 0 is not computed; with both head
+weights 0 the teacher's box head never runs.
 """
 from __future__ import annotations
 
@@ -147,6 +150,12 @@ class TARMethod(DistillMethod):
 
         gt_classes = torch.cat([x.gt_classes for x in sampled])
         fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
+        # Both head terms are normalised by all sampled RoIs, as detectron2 normalises
+        # loss_cls and loss_box_reg: the functional losses average over the rows they
+        # are given, so rescale by rows / sampled. With a per-foreground-RoI average
+        # (DESIGN 4.1 as first written) the terms were 4-9x the detection losses' own
+        # gradients (quickstart, measured), and swamped the ground truth.
+        sampled_rows = max(gt_classes.numel(), 1)
         out: Dict[str, torch.Tensor] = {}
         log = get_event_storage().iter % 20 == 0
 
@@ -154,7 +163,8 @@ class TARMethod(DistillMethod):
             rows = fg if self.cls_rois == "foreground" else torch.ones_like(fg)
             zs, zt, y = s_logits[rows], t_logits[rows], gt_classes[rows]
             gate = tar_cls_gate(zs, zt, y) if self.cls_gate == "adaptive" else torch.ones_like(y, dtype=torch.bool)
-            out["loss_tar_cls"] = self.cls_weight * tar_cls_loss(zs, zt, gate, self.temperature)
+            share = zs.shape[0] / sampled_rows
+            out["loss_tar_cls"] = self.cls_weight * share * tar_cls_loss(zs, zt, gate, self.temperature)
             if log:
                 get_event_storage().put_scalar("distill/tar_cls_gate_rate", gate.float().mean().nan_to_num(0.0))
 
@@ -175,7 +185,8 @@ class TARMethod(DistillMethod):
                 gate = tar_reg_gate(t_boxes, proposals, gt_boxes)
             else:
                 gate = torch.ones_like(y, dtype=torch.bool)
-            out["loss_tar_reg"] = self.reg_weight * tar_reg_loss(ds, dt, gate, self.beta)
+            share = ds.shape[0] / sampled_rows
+            out["loss_tar_reg"] = self.reg_weight * share * tar_reg_loss(ds, dt, gate, self.beta)
             if log:
                 get_event_storage().put_scalar("distill/tar_reg_gate_rate", gate.float().mean().nan_to_num(0.0))
         return out
