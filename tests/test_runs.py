@@ -102,3 +102,15 @@ def test_ensure_trained_without_a_record_reuses_with_a_warning(tmp_path, caplog,
         path = ensure_trained(STUDENT, ONE_ITER + ["OUTPUT_DIR", str(out)])
     assert path == str(out / "model_final.pth")
     assert "no results.json or config.yaml" in caplog.text
+
+
+def test_fingerprint_of_distilled_runs_follows_the_code(monkeypatch, frcnn_teacher_weights):
+    """Changed distillation code redoes distilled runs; plain detectron2 runs are unaffected."""
+    from d2_distill.engine import runs
+
+    tar_cfg = setup_cfg(TAR, ONE_ITER + ["DISTILL.TEACHER.WEIGHTS", frcnn_teacher_weights])
+    plain_cfg = setup_cfg(STUDENT, ONE_ITER)
+    before = fingerprint(tar_cfg), fingerprint(plain_cfg)
+    monkeypatch.setattr(runs, "_source_digest", lambda: "edited sources")
+    assert fingerprint(tar_cfg) != before[0]
+    assert fingerprint(plain_cfg) == before[1]

@@ -6,12 +6,14 @@ DistillTrainer, evaluates with the config's evaluators and writes
 run whose ``results.json`` exists and was made with the same config file, opts
 and *fingerprint* is not repeated: delete the folder to redo it. The fingerprint
 is a hash of the fully merged config (so an edited YAML file invalidates the
-cache) and of the teacher checkpoint's bytes (so a retrained teacher does too).
+cache) and, for distilled runs, of the teacher checkpoint's bytes (a retrained
+teacher) and of d2_distill's own sources (changed distillation code).
 A stale folder is never overwritten: it is renamed to ``<folder>.stale-N``
 before the run is redone.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -73,9 +75,35 @@ def fingerprint(cfg) -> str:
     c = plain(cfg)
     c["MODEL"]["DEVICE"], c["OUTPUT_DIR"] = "", ""
     h = hashlib.sha256(json.dumps(c, sort_keys=True).encode())
-    teacher = c.get("DISTILL", {}).get("TEACHER", {}).get("WEIGHTS", "")
-    if c["MODEL"]["META_ARCHITECTURE"] == "Distiller" and teacher and os.path.isfile(teacher):
-        h.update(_file_sha256(teacher).encode())
+    if c["MODEL"]["META_ARCHITECTURE"] == "Distiller":
+        teacher = c["DISTILL"]["TEACHER"]["WEIGHTS"]
+        if teacher and os.path.isfile(teacher):
+            h.update(_file_sha256(teacher).encode())
+        h.update(_source_digest().encode())  # the distillation code itself
+    return h.hexdigest()
+
+
+# The parts of d2_distill that decide what a distilled run trains and measures
+# (not this run cache, not export).
+_TRAINING_SOURCES = ("config.py", "data", "modeling", "methods", "evaluation", "engine/trainer.py",
+                     "engine/checkpoint.py")
+
+
+@functools.lru_cache(maxsize=None)
+def _source_digest() -> str:
+    """sha256 of d2_distill's training sources: a distilled run made by other code is redone."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = []
+    for entry in _TRAINING_SOURCES:
+        full = os.path.join(root, entry)
+        if os.path.isfile(full):
+            paths.append(full)
+        for folder, _, files in os.walk(full):
+            paths += [os.path.join(folder, f) for f in files if f.endswith(".py")]
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(os.path.relpath(path, root).encode())
+        h.update(_file_sha256(path).encode())
     return h.hexdigest()
 
 
@@ -103,7 +131,7 @@ def train_and_evaluate(
             if cached.get("fingerprint") == key:
                 logger.info("Reusing %s", path)
                 return cached
-            _set_aside(output_dir, "the config or the teacher checkpoint changed since this run")
+            _set_aside(output_dir, "the config, the teacher checkpoint or the distillation code changed since this run")
     os.makedirs(output_dir, exist_ok=True)
     start = time.perf_counter()
     trainer = DistillTrainer(cfg)
