@@ -106,10 +106,14 @@ def frcnn_distilled(_distilled_cache):
     return _distilled_cache("faster_rcnn")
 
 
-def _eager(model, image: np.ndarray):
-    """The Distiller's eval-mode predictions on one 256 px BGR image (no resize needed)."""
+def _eager(model, cfg, image: np.ndarray):
+    """The Distiller's eval-mode predictions on one BGR image, resized to the
+    config's test size as detectron2's DefaultPredictor (and the vanilla script) do."""
+    from detectron2.data import transforms as T
+
     h, w = image.shape[:2]
-    tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"))
+    resized = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST).get_transform(image).apply_image(image)
+    tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
     with torch.no_grad():
         return model([{"image": tensor, "height": h, "width": w}])[0]["instances"]
 
@@ -293,7 +297,7 @@ def test_roundtrip_in_vanilla_detectron2(distilled, val_images, tmp_path):
     assert "vanilla" in proc.stdout
     theirs = np.load(str(out))
     for i, image in enumerate(images):
-        ours = _eager(distilled.model, image)
+        ours = _eager(distilled.model, distilled.cfg, image)
         assert len(ours) > 0, "a comparison of empty predictions proves nothing"
         assert theirs[f"boxes{i}"].shape == (len(ours), 4)
         np.testing.assert_array_equal(theirs[f"classes{i}"], ours.pred_classes.numpy())
