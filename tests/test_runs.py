@@ -114,3 +114,18 @@ def test_fingerprint_of_distilled_runs_follows_the_code(monkeypatch, frcnn_teach
     monkeypatch.setattr(runs, "_source_digest", lambda: "edited sources")
     assert fingerprint(tar_cfg) != before[0]
     assert fingerprint(plain_cfg) == before[1]
+
+
+def test_a_run_is_a_function_of_its_seed_not_of_the_process_history(tmp_path):
+    """Two runs of the same config and SEED in one process, with RNG drawn in between,
+    train the same weights (train_net.py seeds through default_setup; so must the cache)."""
+    opts = ONE_ITER + ["SEED", "3"]
+    train_and_evaluate(STUDENT, opts, str(tmp_path / "a"))
+    torch.rand(1000)  # whatever ran before in the process
+    import numpy as np
+
+    np.random.rand(1000)
+    train_and_evaluate(STUDENT, opts, str(tmp_path / "b"))
+    a, b = (torch.load(tmp_path / d / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+            for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -22,6 +22,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.env import seed_all_rng
 
 from .trainer import DistillTrainer, setup_cfg
 
@@ -133,6 +134,9 @@ def train_and_evaluate(
                 return cached
             _set_aside(output_dir, "the config, the teacher checkpoint or the distillation code changed since this run")
     os.makedirs(output_dir, exist_ok=True)
+    # As train_net.py's default_setup does: the run is a function of SEED, not of
+    # what this process ran before (model init and augmentation draw from these RNGs).
+    seed_all_rng(cfg.SEED if cfg.SEED >= 0 else None)
     start = time.perf_counter()
     trainer = DistillTrainer(cfg)
     trainer.resume_or_load(resume=False)
