@@ -63,7 +63,9 @@ def measure(args) -> Dict:
     if cfg.MODEL.META_ARCHITECTURE != "Distiller":
         raise SystemExit(f"{args.config_file}: MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}, "
                          "this tool needs a distiller config (Distiller)")
-    torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
+    from detectron2.utils.env import seed_all_rng
+
+    seed_all_rng(cfg.SEED if cfg.SEED >= 0 else 0)  # same init and the same batches on every run
     model = DistillTrainer.build_model(cfg)
     if args.student_weights:
         from detectron2.checkpoint import DetectionCheckpointer
