@@ -20,6 +20,14 @@ def _load(name):
     return module
 
 
+def _assert_usage_error(parse_args, argv, message, capsys):
+    """argparse's usage error: exit status 2 and ``message`` on stderr."""
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def step_cost():
     return _load("step_cost")
@@ -69,10 +77,7 @@ def test_step_cost_pairs_and_opts(step_cost):
     ],
 )
 def test_step_cost_bad_args(step_cost, capsys, argv, message):
-    with pytest.raises(SystemExit) as e:
-        step_cost.parse_args(argv)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    _assert_usage_error(step_cost.parse_args, argv, message, capsys)
 
 
 def test_step_cost_pair_configs_build_nothing(step_cost):
@@ -174,10 +179,7 @@ def test_distill_gain_bad_args(distill_gain, capsys, tmp_path, argv, message):
     w = tmp_path / "t.pth"
     w.write_bytes(b"x")
     argv = [x.replace("__FILE__", str(w)) for x in argv]
-    with pytest.raises(SystemExit) as e:
-        distill_gain.parse_args(argv)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    _assert_usage_error(distill_gain.parse_args, argv, message, capsys)
 
 
 # ---- distill_gain: a tiny run ----------------------------------------------------
@@ -255,10 +257,7 @@ def test_default_schedule_is_the_student_configs(demo, ablation):
     ],
 )
 def test_demo_bad_args(demo, capsys, argv, message):
-    with pytest.raises(SystemExit) as e:
-        demo.parse_args(argv)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    _assert_usage_error(demo.parse_args, argv, message, capsys)
 
 
 def test_demo_tiny_run(demo, tmp_path, capsys, monkeypatch, frcnn_teacher_weights):
@@ -305,10 +304,7 @@ def loss_gradients():
 )
 def test_loss_gradients_bad_args(loss_gradients, capsys, argv, message):
     cfg = os.path.join(ROOT, "configs", "quickstart", "tar_faster_rcnn.yaml")
-    with pytest.raises(SystemExit) as e:
-        loss_gradients.parse_args([a.replace("__CFG__", cfg) for a in argv])
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    _assert_usage_error(loss_gradients.parse_args, [a.replace("__CFG__", cfg) for a in argv], message, capsys)
 
 
 def test_loss_gradients_tiny_run(loss_gradients, tmp_path, capsys, frcnn_teacher_weights):

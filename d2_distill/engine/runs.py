@@ -67,7 +67,8 @@ def _file_sha256(path: str) -> str:
 
 def fingerprint(cfg) -> str:
     """sha256 of what determines a run's result: the merged config (minus the
-    device and the output folder, which do not) and the teacher checkpoint's bytes."""
+    device and the output folder, which do not) and, for a distiller, the teacher
+    checkpoint's bytes and d2_distill's training sources."""
     def plain(x):  # CfgNode -> dict, tuple -> list: a dump-independent canonical form
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
