@@ -1,5 +1,5 @@
 """Exact resume: a run interrupted after a checkpoint and resumed ends exactly like
-the run that was never interrupted (d2_distill/engine/trainer.py, "Exact resume")."""
+the run that was never interrupted (d2_distill/engine/resume.py)."""
 import os
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from detectron2.utils.env import seed_all_rng
 
 from d2_distill.engine import DistillTrainer
-from d2_distill.engine.trainer import SkipSampler
+from d2_distill.engine.resume import SkipSampler
 
 from helpers import Interrupt, cfg_for
 
