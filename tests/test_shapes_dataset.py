@@ -13,7 +13,9 @@ import d2_distill.data  # noqa: F401  (registers the splits)
 from d2_distill.data import shapes
 from d2_distill.data.shapes import (
     SPLITS,
+    STYLE,
     THING_CLASSES,
+    ShapesStyle,
     ensure_datasets,
     ensure_split,
     generate_split,
@@ -39,6 +41,7 @@ def test_api_constants():
     assert SPLITS == {
         "shapes_train": {"num_images": 2000, "seed": 0},
         "shapes_val": {"num_images": 200, "seed": 1},
+        "shapes_tune": {"num_images": 200, "seed": 4},
         "shapes_mini_train": {"num_images": 32, "seed": 2},
         "shapes_mini_val": {"num_images": 16, "seed": 3},
     }
@@ -69,6 +72,35 @@ def test_determinism(tmp_path):
     assert np.array_equal(img, cv2.imread(os.path.join(dir_a, names[5]), cv2.IMREAD_COLOR))
     coco = json.loads(ja)
     assert [a["bbox"] for a in coco["annotations"] if a["image_id"] == 6] == [a["bbox"] for a in anns]
+    # The split records the version and the style that made it.
+    assert coco["info"]["version"] == shapes.DATASET_VERSION == "shapes_v2"
+    assert coco["info"]["style"] == {"min_objects": 1, "max_objects": 5, "min_extent": 24.0,
+                                     "max_extent": 120.0, "clutter": 0.5}
+
+
+def test_style_changes_the_images_and_is_deterministic():
+    a1, anns1 = render_image(3, 2, style=ShapesStyle(clutter=0.0))
+    a2, anns2 = render_image(3, 2, style=ShapesStyle(clutter=0.0))
+    b, _ = render_image(3, 2, style=ShapesStyle(clutter=1.0))
+    assert np.array_equal(a1, a2) and anns1 == anns2
+    assert not np.array_equal(a1, b)
+    # the default style is STYLE, and passing it explicitly changes nothing
+    d1, _ = render_image(3, 2)
+    d2, _ = render_image(3, 2, style=STYLE)
+    assert np.array_equal(d1, d2)
+
+
+def test_clutter_knob_scales_the_distractors():
+    """Without clutter the background is smooth: far fewer strong edges than with v1's amount."""
+    def edges(style):
+        total = 0
+        for i in range(12):
+            img, _ = render_image(5, i, style=ShapesStyle(min_objects=1, max_objects=1, clutter=style))
+            total += int((cv2.Canny(cv2.GaussianBlur(img, (5, 5), 1.5), 60, 150) > 0).sum())
+        return total
+
+    none, half, full = edges(0.0), edges(0.5), edges(1.0)
+    assert none < half < full
 
 
 def test_validity(tmp_path):
@@ -96,7 +128,7 @@ def test_validity(tmp_path):
         assert im.shape == (H, W, 3) and im.dtype == np.uint8
 
         anns = coco.loadAnns(coco.getAnnIds(imgIds=[img_id]))
-        assert len(anns) <= 8
+        assert len(anns) <= STYLE.max_objects
         for a in anns:
             x, y, w, h = a["bbox"]
             assert all(isinstance(v, float) for v in a["bbox"])
@@ -129,12 +161,15 @@ def test_statistics():
             heights.append(a["bbox"][3])
             classes.add(a["category_id"])
     sides = np.stack([widths, heights], axis=1)
-    assert (sides.min(axis=1) < 16).any()
-    assert (sides.max(axis=1) < 16).any()  # genuinely small objects
-    assert (sides.max(axis=1) > 80).any()
+    longest = sides.max(axis=1)
+    # v2: no tiny objects (the longest side is at least ~min_extent / 2 even when
+    # rotated, squashed and partly occluded), still a wide range of sizes
+    assert longest.min() >= 10
+    assert (longest < 32).any()
+    assert (longest > 80).any()
     assert classes == {1, 2, 3, 4, 5, 6}
-    assert 2 <= np.mean(per_image) <= 6
-    assert max(per_image) <= 8
+    assert 1.5 <= np.mean(per_image) <= 4
+    assert max(per_image) <= 5
 
 
 def test_split_paths_and_errors(tmp_path):
@@ -160,11 +195,11 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = shapes.render_image
 
-    def flaky(seed, index, image_size=256):
+    def flaky(seed, index, image_size=256, style=None):
         calls["n"] += 1
         if calls["n"] > 3:
             raise KeyboardInterrupt
-        return real(seed, index, image_size)
+        return real(seed, index, image_size, style)
 
     monkeypatch.setattr(shapes, "render_image", flaky)
     image_dir = str(tmp_path / "s" / "images")

@@ -20,6 +20,7 @@ or calling :func:`ensure_split` generates it on first use under :func:`data_root
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -28,6 +29,7 @@ import os
 import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Iterable
 
 import cv2
@@ -39,6 +41,8 @@ __all__ = [
     "THING_CLASSES",
     "SPLITS",
     "DATASET_VERSION",
+    "ShapesStyle",
+    "STYLE",
     "data_root",
     "split_paths",
     "render_image",
@@ -53,18 +57,42 @@ THING_CLASSES: list[str] = ["circle", "triangle", "square", "star", "hexagon", "
 SPLITS: dict[str, dict] = {
     "shapes_train": {"num_images": 2000, "seed": 0},
     "shapes_val": {"num_images": 200, "seed": 1},
+    # for choosing settings (schedules, weights); results are reported on shapes_val
+    "shapes_tune": {"num_images": 200, "seed": 4},
     "shapes_mini_train": {"num_images": 32, "seed": 2},
     "shapes_mini_val": {"num_images": 16, "seed": 3},
 }
 
-# Bump when the generator's output changes, so stale caches are not reused.
-DATASET_VERSION = "shapes_v1"
+# Bump when the generator's output changes, so stale caches are not reused: the
+# version names the folder a split is generated into.
+DATASET_VERSION = "shapes_v2"
 
 _ENV_VAR = "D2_DISTILL_DATA"
 
+
 # ---- generator parameters -------------------------------------------------
-_MIN_OBJECTS, _MAX_OBJECTS = 1, 8
-_MIN_EXTENT, _MAX_EXTENT = 8.0, 120.0  # px, longest side of a shape before rotation
+@dataclass(frozen=True)
+class ShapesStyle:
+    """What a generated image looks like (the knobs of the dataset's difficulty).
+
+    ``clutter`` scales the number of unlabelled distractors of every kind
+    (lines, arcs, hollow outlines, filled blobs, and blobs drawn over objects):
+    1.0 is shapes_v1's amount, 0 none. Extents are the longest side of a shape
+    before rotation, in pixels of the 256 px image.
+    """
+
+    min_objects: int = 1
+    max_objects: int = 5
+    min_extent: float = 24.0
+    max_extent: float = 120.0
+    clutter: float = 0.5
+
+
+# shapes_v1 was ShapesStyle(max_objects=8, min_extent=8.0, clutter=1.0): half of
+# its objects were under 23 px and the clutter dominated what a few hundred
+# iterations from scratch could learn (teachers at 5-6 AP).
+STYLE = ShapesStyle()
+
 _MIN_VISIBLE_FRACTION = 0.30
 _MIN_VISIBLE_PIXELS = 20
 _MIN_FRAGMENT_PIXELS = 4  # visible specks smaller than this are not part of the object
@@ -184,27 +212,32 @@ def _color(rng: np.random.Generator) -> tuple:
     return tuple(float(v) for v in rng.uniform(0.0, 255.0, 3))
 
 
-def _draw_clutter(img: np.ndarray, rng: np.random.Generator, size: int) -> None:
+def _count(rng: np.random.Generator, lo: int, hi: int, scale: float) -> int:
+    """A count drawn from [lo, hi], scaled by ``scale`` (the style's clutter)."""
+    return int(round(scale * int(rng.integers(lo, hi + 1))))
+
+
+def _draw_clutter(img: np.ndarray, rng: np.random.Generator, size: int, scale: float) -> None:
     """Unlabelled distractors under the objects: lines, arcs, outlines, blobs."""
-    for _ in range(int(rng.integers(2, 11))):  # straight lines / polylines
+    for _ in range(_count(rng, 2, 10, scale)):  # straight lines / polylines
         n = int(rng.integers(2, 5))
         pts = rng.uniform(-0.1 * size, 1.1 * size, (n, 2))
         cv2.polylines(img, [np.round(pts * 16).astype(np.int32)], False, _color(rng),
                       int(rng.integers(1, 4)), cv2.LINE_AA, 4)
-    for _ in range(int(rng.integers(1, 6))):  # arcs
+    for _ in range(_count(rng, 1, 5, scale)):  # arcs
         center = (int(rng.integers(0, size)), int(rng.integers(0, size)))
         axes = (int(rng.integers(6, size // 2)), int(rng.integers(6, size // 2)))
         start = float(rng.uniform(0.0, 360.0))
         span = float(rng.uniform(60.0, 270.0))
         cv2.ellipse(img, center, axes, float(rng.uniform(0, 180)), start, start + span,
                     _color(rng), int(rng.integers(1, 4)), cv2.LINE_AA)
-    for _ in range(int(rng.integers(0, 4))):  # hollow outlines of shape-like polygons
+    for _ in range(_count(rng, 0, 3, scale)):  # hollow outlines of shape-like polygons
         unit = _unit_shape(int(rng.integers(len(THING_CLASSES))), rng)
         pts = _place(unit, rng.uniform(20.0, 90.0), rng.uniform(0, 2 * np.pi),
                      rng.uniform(0, size), rng.uniform(0, size))
         cv2.polylines(img, [np.round(pts * 16).astype(np.int32)], True, _color(rng),
                       int(rng.integers(1, 3)), cv2.LINE_AA, 4)
-    for _ in range(int(rng.integers(1, 6))):  # small filled irregular blobs
+    for _ in range(_count(rng, 1, 5, scale)):  # small filled irregular blobs
         pts = _place(_blob_shape(rng), rng.uniform(5.0, 35.0), 0.0,
                      rng.uniform(0, size), rng.uniform(0, size))
         cv2.fillPoly(img, [np.round(pts * 16).astype(np.int32)], _color(rng), cv2.LINE_AA, 4)
@@ -281,24 +314,25 @@ def _annotate(mask: np.ndarray, box) -> dict | None:
     }
 
 
-def render_image(seed: int, index: int, image_size: int = 256):
-    """Render image ``index`` of the split with ``seed``.
+def render_image(seed: int, index: int, image_size: int = 256, style: ShapesStyle | None = None):
+    """Render image ``index`` of the split with ``seed``, in ``style`` (default :data:`STYLE`).
 
     Returns (image, annotations): a uint8 BGR array (H, W, 3) and a list of dicts
     with "category_id" (1-based COCO id), "bbox" (xywh), "area" and "segmentation".
     """
+    style = STYLE if style is None else style
     rng = np.random.default_rng([int(seed), int(index)])
     size = int(image_size)
     canvas = np.round(_background(rng, size)).astype(np.uint8)
-    _draw_clutter(canvas, rng, size)  # on uint8: cv2 anti-aliases only 8-bit images
+    _draw_clutter(canvas, rng, size, style.clutter)  # on uint8: cv2 anti-aliases only 8-bit images
     img = canvas.astype(np.float32)
 
     # Draw list: labelled objects and a few unlabelled blobs that may cover them.
-    n_obj = int(rng.integers(_MIN_OBJECTS, _MAX_OBJECTS + 1))
+    n_obj = int(rng.integers(style.min_objects, style.max_objects + 1))
     items = [int(c) for c in rng.integers(0, len(THING_CLASSES), n_obj)]
-    items += [-1] * int(rng.integers(0, 3))
+    items += [-1] * _count(rng, 0, 2, style.clutter)
     order = rng.permutation(len(items))
-    log_lo, log_hi = math.log(_MIN_EXTENT), math.log(_MAX_EXTENT)
+    log_lo, log_hi = math.log(style.min_extent), math.log(style.max_extent)
 
     drawn = []  # (cls, mask crop, box, full_area), in drawing order
     for i in order:
@@ -367,14 +401,15 @@ def _num_workers(num_images: int) -> int:
 
 
 def generate_split(image_dir: str, json_path: str, num_images: int, seed: int,
-                   image_size: int = 256) -> None:
+                   image_size: int = 256, style: ShapesStyle | None = None) -> None:
     """Generate ``num_images`` images into ``image_dir`` and COCO json ``json_path``.
 
     Images are written into a temporary sibling directory that is renamed into
     place, and the JSON (the completion marker) is written last through an
     atomic replace, so an interrupted run never leaves a complete-looking split.
-    Output depends only on (num_images, seed, image_size).
+    Output depends only on (num_images, seed, image_size, style).
     """
+    style = STYLE if style is None else style
     image_dir = os.path.abspath(image_dir)
     json_path = os.path.abspath(json_path)
     parent = os.path.dirname(image_dir)
@@ -387,7 +422,7 @@ def generate_split(image_dir: str, json_path: str, num_images: int, seed: int,
     tmp_json = None
     try:
         def work(idx: int):
-            image, anns = render_image(seed, idx, image_size)
+            image, anns = render_image(seed, idx, image_size, style)
             file_name = f"{idx:06d}.png"
             if not cv2.imwrite(os.path.join(tmp_dir, file_name), image):
                 raise OSError(f"cv2.imwrite failed for {os.path.join(tmp_dir, file_name)}")
@@ -412,7 +447,8 @@ def generate_split(image_dir: str, json_path: str, num_images: int, seed: int,
                 annotations.append(ann)
         coco = {
             "info": {"description": "d2_distill synthetic shapes", "version": DATASET_VERSION,
-                     "seed": int(seed), "num_images": int(num_images)},
+                     "seed": int(seed), "num_images": int(num_images),
+                     "style": dataclasses.asdict(style)},
             "licenses": [],
             "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
                            for i, n in enumerate(THING_CLASSES)],
