@@ -62,7 +62,8 @@ if ! "$PY" -c 'import detectron2' 2>/dev/null; then
   "${PIP[@]}" install --no-deps "$work"/packed/*.whl
 fi
 
-# Everything else comes from setup.py (pure-Python pins) plus the test runner.
+# Everything else comes from pyproject.toml (pure-Python pins) plus the test runner;
+# pip builds the editable install through setuptools' PEP 660 hook (no `setup.py develop`).
 if ! "$PY" -c 'import d2_distill, pytest, fvcore, iopath, pycocotools, cv2, matplotlib' 2>/dev/null; then
   say "installing d2_distill (editable) and its dependencies"
   "${PIP[@]}" install -e "$ROOT[test]"
