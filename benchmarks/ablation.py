@@ -1,112 +1,128 @@
-#!/usr/bin/env python
-"""Ablation of TAR or TBD on the built-in dataset, at one fixed short schedule.
+"""Ablation of a distillation method on the built-in dataset, over one or more seeds.
 
-    python benchmarks/ablation.py --method tar      # Faster R-CNN R34-FPN(128) -> R18-FPN(64)
-    python benchmarks/ablation.py --method tbd      # RetinaNet   R34-FPN(128) -> R18-FPN(64)
+    python -m benchmarks.ablation --method tar --seeds 0 1 2
+    python -m benchmarks.ablation --method tbd --baselines
+    python -m benchmarks.ablation --method pkd --config pkd_retinanet --rows "plain student" "full PKD"
 
-Trains the teacher first if its checkpoint is missing, then every row with the
-same seed and schedule, evaluates each with COCOEvaluator (and the harmony
-evaluator), and prints a markdown table; writes ``<output>/<method>.json``.
-Finished rows are reused (each run folder keeps a results.json).
+Rows (``benchmarks.setups.ablation_rows``): the plain student, ``+ <component>``
+for each of the method's components, the full method and the method's extra
+rows (decay, gates, weights, ...); ``--baselines`` adds the full rows of every
+other method on the same student architecture. Trains the teacher first if its
+checkpoint is missing, then every row for every seed on the same schedule,
+evaluates each with COCOEvaluator and the harmony evaluator, and prints a
+markdown table of mean ± sample sd over the seeds; writes
+``<output>/ablation_<config>.json``. Finished runs are reused; rows whose merged
+config is the same (e.g. an extra row that restates a default) share one run.
 """
 import argparse
-import json
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from . import setups as lab
+from .runs import fingerprint, setup_logging
 
-from d2_distill.engine.runs import ensure_trained, evaluate, setup_logging, train_and_evaluate  # noqa: E402
-
-QS = "configs/quickstart"
-TAR_ROWS = [
-    ("plain student", f"{QS}/faster_rcnn_R18_FPN_student.yaml", []),
-    ("+ feature", f"{QS}/tar_faster_rcnn.yaml", ["DISTILL.TAR.CLS_WEIGHT", "0.0", "DISTILL.TAR.REG_WEIGHT", "0.0"]),
-    ("+ classification", f"{QS}/tar_faster_rcnn.yaml", ["DISTILL.TAR.FEAT_WEIGHT", "0.0", "DISTILL.TAR.REG_WEIGHT", "0.0"]),
-    ("+ regression", f"{QS}/tar_faster_rcnn.yaml", ["DISTILL.TAR.FEAT_WEIGHT", "0.0", "DISTILL.TAR.CLS_WEIGHT", "0.0"]),
-    ("full TAR", f"{QS}/tar_faster_rcnn.yaml", []),
-    ("full TAR, no decay", f"{QS}/tar_faster_rcnn.yaml", ["DISTILL.SCHEDULE.KIND", "constant"]),
-]
-TBD_ROWS = [
-    ("plain student", f"{QS}/retinanet_R18_FPN_student.yaml", ["DISTILL.EVAL.HARMONY", "True"]),
-    ("+ HD", f"{QS}/tbd_retinanet.yaml", ["DISTILL.TBD.TFD_WEIGHT", "0.0"]),
-    ("+ TFD", f"{QS}/tbd_retinanet.yaml", ["DISTILL.TBD.HD_WEIGHT", "0.0"]),
-    ("full TBD", f"{QS}/tbd_retinanet.yaml", []),
-]
-SETUPS = {
-    "tar": (TAR_ROWS, f"{QS}/faster_rcnn_R34_FPN_teacher.yaml", "AP AP50".split()),
-    "tbd": (TBD_ROWS, f"{QS}/retinanet_R34_FPN_teacher.yaml", "AP AP50 harmonious_ratio".split()),
-}
+COLUMNS = ("AP", "AP50", "AP75", "harmonious_ratio", "mean_abs_gap")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=sorted(SETUPS), required=True)
+    found = lab.discover_setups()
+    p.add_argument("--method", type=str.lower, choices=sorted(found), required=True)
+    p.add_argument("--config", default="", help="which of the method's quickstart configs (default: the first)")
     p.add_argument("--iters", type=int, default=None,
-                   help="student schedule (SOLVER.MAX_ITER); default: the student config's own")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="output/runs", help="folder for runs (shared with demo.py) and the JSON summary")
+                   help="student schedule (SOLVER.MAX_ITER); default: the plain student config's own")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="training seeds (default 0)")
+    p.add_argument("--output", default="output/runs", help="folder of the runs (shared with the demo) and the JSON")
     p.add_argument("--rows", nargs="*", help="only these row names (default: all)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="extra config opts for every student run")
+    p.add_argument("--no-extra", action="store_true", help="only plain / + components / full")
+    p.add_argument("--baselines", action="store_true",
+                   help="also the full rows of the other methods with a config for this student architecture")
+    p.add_argument("--teacher-weights", default="", help="use this teacher checkpoint instead of the quickstart's")
+    lab.add_opts_argument(p, "extra config opts for every student run")
     args = p.parse_args(argv)
-    check_iters(p, args.iters)
+    lab.check_opts(p, args)
+    lab.check_positive(p, "--iters", args.iters)
+    lab.check_seeds(p, args.seeds)
+    lab.check_file(p, "--teacher-weights", args.teacher_weights)
+    try:
+        args.setup = lab.find_setup(found, args.method, args.config)
+    except KeyError as e:
+        p.error(f"--config: {e.args[0]}")
+    args.baseline_setups = [s for m, ss in sorted(found.items()) if m != args.method for s in ss
+                            if s.arch == args.setup.arch and s.teacher_config == args.setup.teacher_config
+                            ] if args.baselines else []
     if args.iters is None:
-        args.iters = default_iters(args.method)
+        args.iters = lab.default_iters(args.setup)
     return args
 
 
-def check_iters(p: argparse.ArgumentParser, iters) -> None:
-    if iters is not None and iters <= 0:
-        p.error(f"--iters must be positive, got {iters}")
+def plan(args):
+    """The rows to run: [(row, skipped reason or None)], baselines after the method's rows."""
+    rows = lab.ablation_rows(args.setup, extra=not args.no_extra)
+    rows += [lab.full_row(s) for s in args.baseline_setups]
+    return [r for r in rows if not args.rows or r.name in args.rows]
 
 
-def default_iters(method: str) -> int:
-    """The plain student config's SOLVER.MAX_ITER: the schedule the quickstart is sized for."""
+def _row_cfg(row, opts):
     from d2_distill.engine import setup_cfg
 
-    return setup_cfg(os.path.join(ROOT, SETUPS[method][0][0][1])).SOLVER.MAX_ITER
-
-
-def schedule_opts(iters: int, seed: int):
-    """The student schedule: LR drops (x0.1) at 75 % and 92 % of ``iters``."""
-    steps = sorted({s for s in (int(iters * 0.75), int(iters * 0.92)) if 0 < s < iters})
-    text = "(" + ", ".join(map(str, steps)) + ("," if len(steps) == 1 else "") + ")"
-    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", text, "SEED", str(seed)]
-
-
-def run_folder(args, row: str) -> str:
-    slug = row.replace("+ ", "").replace(",", "").replace(" ", "_")
-    return os.path.join(args.output, args.method, f"iters{args.iters}_seed{args.seed}", slug)
+    return setup_cfg(os.path.join(lab.ROOT, row.config), opts)
 
 
 def run(args) -> dict:
-    rows, teacher_cfg, columns = SETUPS[args.method]
-    teacher = ensure_trained(teacher_cfg)
-    common = schedule_opts(args.iters, args.seed) + list(args.opts or [])
-    table = []
-    for name, config, opts in rows:
-        if args.rows and name not in args.rows:
+    lab.check_repo_root()
+    setup, iters = args.setup, args.iters
+    teacher = lab.ensure_teacher(setup, args.teacher_weights)
+    table, seen = [], {}
+    for row in plan(args):
+        entry = {"row": row.name, "config": row.config, "per_seed": []}
+        try:
+            opts = lab.row_opts(row, iters, args.seeds[0], teacher, args.opts)
+            key = fingerprint(_row_cfg(row, opts))
+        except KeyError as e:  # an option this version of the method does not have
+            entry["skipped"] = f"needs an option the config does not have: {e}"
+            table.append(entry)
             continue
-        out = run_folder(args, name)
-        distilled = config != rows[0][1]  # every row but the plain student
-        teacher_opts = ["DISTILL.TEACHER.WEIGHTS", teacher] if distilled else []
-        rec = train_and_evaluate(config, common + opts + teacher_opts, out)
-        table.append({"row": name, "command": rec["command"], "train_seconds": rec["train_seconds"], **rec["metrics"]})
-    harmony = ["DISTILL.EVAL.HARMONY", "True"] if args.method == "tbd" else []
-    table.append({"row": "teacher", "command": f"(trained by {teacher_cfg})", **evaluate(teacher_cfg, harmony, teacher)})
-    return {"method": args.method, "iters": args.iters, "seed": args.seed, "columns": columns, "rows": table}
+        if key in seen:  # same merged config as an earlier row: same runs
+            entry.update({k: v for k, v in seen[key].items() if k not in ("row",)}, same_as=seen[key]["row"])
+            table.append(entry)
+            continue
+        for seed in args.seeds:
+            rec = lab.train_row(row, args.output, iters, seed, teacher, args.opts)
+            entry["per_seed"].append({"seed": seed, "run": rec["run"], "command": rec["command"],
+                                      "train_seconds": rec["train_seconds"], **rec["metrics"]})
+        for c in COLUMNS:
+            entry[c], entry[f"{c}_sd"] = lab.mean_sd([s.get(c) for s in entry["per_seed"]])
+        seen[key] = entry
+        table.append(entry)
+    t = {"row": "teacher", "config": setup.teacher_config, "weights": teacher,
+         **lab.evaluate_teacher(setup, teacher, args.opts)}
+    table.append(t)
+    return {"method": setup.method, "config": setup.config, "iters": iters, "seeds": list(args.seeds),
+            "columns": list(COLUMNS), "sd": "sample standard deviation over seeds (n - 1); 0 for one seed",
+            "rows": table}
 
 
 def markdown(summary: dict) -> str:
-    cols = summary["columns"]
-    lines = ["| row | " + " | ".join(cols) + " | train s |", "|---" * (len(cols) + 2) + "|"]
+    cols = [c for c in summary["columns"] if any(c in r for r in summary["rows"])]
+    lines = [f"{summary['method']} ({summary['config']}), {summary['iters']} iterations, seeds "
+             f"{' '.join(map(str, summary['seeds']))}: mean ± sample sd", "",
+             "| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in summary["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['row']} | " + " | ".join("-" for _ in cols) + f" |  ({r['skipped']})")
+            continue
         vals = []
         for c in cols:
-            v = r.get(c)
-            vals.append("-" if v is None else (f"{100 * v:.1f} %" if c == "harmonious_ratio" else f"{v:.2f}"))
-        lines.append(f"| {r['row']} | " + " | ".join(vals) + f" | {r.get('train_seconds', '-')} |")
+            v, sd = r.get(c), r.get(f"{c}_sd")
+            if v is None:
+                vals.append("-")
+            elif c == "harmonious_ratio":
+                vals.append(f"{100 * v:.1f} %" + (f" ± {100 * sd:.1f}" if sd else ""))
+            else:
+                vals.append(lab.fmt(v, digits=3 if c.startswith("mean_abs") else 2)
+                            + (f" ± {lab.fmt(sd)}" if sd else ""))
+        note = f" (same run as {r['same_as']})" if "same_as" in r else ""
+        lines.append(f"| {r['row']}{note} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
 
@@ -114,12 +130,11 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logging()
     summary = run(args)
-    os.makedirs(args.output, exist_ok=True)
-    path = os.path.join(args.output, f"{args.method}_seed{args.seed}.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=1)
+    path = os.path.join(args.output, f"ablation_{args.setup.key}.json")
+    lab.write_json(path, summary)
     print(markdown(summary))
     print(f"\nwritten {path}")
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Train-and-evaluate runs with caching, for the demo, the ablations and the benchmarks.
+"""The run cache: train-and-evaluate runs for the demo, the ablations and the benchmarks.
 
 A run is (config file, opts, output dir). ``train_and_evaluate`` trains with
 DistillTrainer, evaluates with the config's evaluators and writes
@@ -6,8 +6,9 @@ DistillTrainer, evaluates with the config's evaluators and writes
 run whose ``results.json`` exists and was made with the same config file, opts
 and *fingerprint* is not repeated: delete the folder to redo it. The fingerprint
 is a hash of the fully merged config (so an edited YAML file invalidates the
-cache) and, for distilled runs, of the teacher checkpoint's bytes (a retrained
-teacher) and of d2_distill's own sources (changed distillation code).
+cache), of the built-in dataset's version and, for distilled runs, of the teacher
+checkpoint's bytes (a retrained teacher) and of every ``.py`` file of the
+d2_distill package (changed distillation code; see :func:`source_digest`).
 A stale folder is never overwritten: it is renamed to ``<folder>.stale-N``
 before the run is redone.
 """
@@ -24,11 +25,17 @@ from typing import Dict, List, Optional, Sequence
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.env import seed_all_rng
 
-from .trainer import DistillTrainer, setup_cfg
+import d2_distill
+from d2_distill.data import DATASET_VERSION
+from d2_distill.engine import DistillTrainer, setup_cfg
 
-__all__ = ["train_and_evaluate", "evaluate", "ensure_trained", "flat_metrics", "fingerprint", "setup_logging"]
+__all__ = [
+    "train_and_evaluate", "evaluate", "ensure_trained", "flat_metrics", "fingerprint", "source_digest",
+    "setup_logging",
+]
 
-logger = logging.getLogger("d2_distill.runs")
+# under "d2_distill" so that its handler (setup_logging) shows the lab's messages too
+logger = logging.getLogger("d2_distill.lab.runs")
 
 
 def setup_logging() -> None:
@@ -67,8 +74,8 @@ def _file_sha256(path: str) -> str:
 
 def fingerprint(cfg) -> str:
     """sha256 of what determines a run's result: the merged config (minus the
-    device and the output folder, which do not) and, for a distiller, the teacher
-    checkpoint's bytes and d2_distill's training sources."""
+    device and the output folder, which do not), the built-in dataset's version
+    and, for a distiller, the teacher checkpoint's bytes and d2_distill's sources."""
     def plain(x):  # CfgNode -> dict, tuple -> list: a dump-independent canonical form
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
@@ -77,33 +84,36 @@ def fingerprint(cfg) -> str:
     c = plain(cfg)
     c["MODEL"]["DEVICE"], c["OUTPUT_DIR"] = "", ""
     h = hashlib.sha256(json.dumps(c, sort_keys=True).encode())
+    h.update(f"shapes dataset {DATASET_VERSION}".encode())
     if c["MODEL"]["META_ARCHITECTURE"] == "Distiller":
         teacher = c["DISTILL"]["TEACHER"]["WEIGHTS"]
         if teacher and os.path.isfile(teacher):
             h.update(_file_sha256(teacher).encode())
-        h.update(_source_digest().encode())  # the distillation code itself
+        h.update(source_digest().encode())  # the distillation code itself
     return h.hexdigest()
 
 
-# The parts of d2_distill that decide what a distilled run trains and measures
-# (not this run cache, not export).
-_TRAINING_SOURCES = ("config.py", "data", "modeling", "methods", "evaluation", "engine/trainer.py",
-                     "engine/checkpoint.py")
+def package_sources(root: Optional[str] = None) -> List[str]:
+    """Every ``.py`` file under the d2_distill package folder (``root``), found by
+    walking it: a new module or sub-package is hashed without anyone listing it.
+    No file is left out, export included (simpler than a rule that could be wrong)."""
+    root = root or os.path.dirname(os.path.abspath(d2_distill.__file__))
+    paths = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        paths += [os.path.join(folder, f) for f in files if f.endswith(".py")]
+    return sorted(paths)
 
 
 @functools.lru_cache(maxsize=None)
-def _source_digest() -> str:
-    """sha256 of d2_distill's training sources: a distilled run made by other code is redone."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = []
-    for entry in _TRAINING_SOURCES:
-        full = os.path.join(root, entry)
-        if os.path.isfile(full):
-            paths.append(full)
-        for folder, _, files in os.walk(full):
-            paths += [os.path.join(folder, f) for f in files if f.endswith(".py")]
+def source_digest(root: Optional[str] = None) -> str:
+    """sha256 of d2_distill's sources (:func:`package_sources`, relative paths and
+    bytes): a distilled run made by other code is redone. Plain detectron2 runs
+    (teachers, plain students) do not use it, so editing d2_distill does not
+    retrain them."""
+    root = root or os.path.dirname(os.path.abspath(d2_distill.__file__))
     h = hashlib.sha256()
-    for path in sorted(paths):
+    for path in package_sources(root):
         h.update(os.path.relpath(path, root).encode())
         h.update(_file_sha256(path).encode())
     return h.hexdigest()

@@ -1,0 +1,181 @@
+"""The quickstart demo: distil a small detector from a bigger one on the built-in dataset.
+
+    python -m benchmarks.demo                  # TAR: Faster R-CNN teacher -> smaller Faster R-CNN
+    python -m benchmarks.demo --method tbd     # TBD: RetinaNet teacher -> smaller RetinaNet
+    python -m benchmarks.demo --method pkd --config pkd_retinanet
+
+``--method`` is any registered method with a quickstart config (see
+``benchmarks.setups``); a method with configs for several architectures takes
+``--config`` (default: the first). Steps: train the teacher (or reuse its
+checkpoint), train the plain student and the distilled student on the same
+schedule and seed, evaluate all three with COCOEvaluator, print a table (AP,
+AP50, AP75, harmony, parameters, GFLOPs, inference ms/image) and save a figure
+(AP bars, the students' detection-loss curves). Runs are cached in ``--output``:
+a finished run is reused, not retrained.
+"""
+import argparse
+import os
+import time
+
+from . import setups as lab
+from .runs import setup_logging
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    found = lab.discover_setups()
+    p.add_argument("--method", type=str.lower, choices=sorted(found), default="tar",
+                   help="a registered method with a quickstart config (default tar; any case)")
+    p.add_argument("--config", default="",
+                   help="which of the method's quickstart configs (file stem or path; default: the first)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="student schedule (SOLVER.MAX_ITER); default: the plain student config's own")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="output/runs", help="run cache and figure folder")
+    p.add_argument("--timing-images", type=int, default=20, help="validation images for inference ms/image")
+    p.add_argument("--teacher-weights", default="",
+                   help="use this teacher checkpoint instead of training (or reusing) the quickstart teacher")
+    lab.add_opts_argument(p, "extra config opts for the student runs and the teacher's evaluation")
+    args = p.parse_args(argv)
+    lab.check_opts(p, args)
+    lab.check_file(p, "--teacher-weights", args.teacher_weights)
+    lab.check_positive(p, "--timing-images", args.timing_images)
+    lab.check_positive(p, "--iters", args.iters)
+    try:
+        args.setup = lab.find_setup(found, args.method, args.config)
+    except KeyError as e:
+        p.error(f"--config: {e.args[0]}")
+    if args.iters is None:
+        args.iters = lab.default_iters(args.setup)
+    return args
+
+
+def measure(config_file: str, opts, weights: str, num_images: int) -> dict:
+    """Parameters, GFLOPs (fvcore, one test-size image) and eval-mode ms/image on CPU,
+    of what is deployed: the student alone for a distiller config. Images are
+    prepared as detectron2's DefaultPredictor does (``d2_distill.student.student_inputs``)."""
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+    from detectron2.modeling import build_model
+    from detectron2.utils.analysis import FlopCountAnalysis
+
+    from d2_distill.engine import setup_cfg
+    from d2_distill.student import is_distiller_state, student_cfg, student_inputs, student_state_dict
+
+    cfg = student_cfg(setup_cfg(config_file, list(opts)))
+    model = build_model(cfg)
+    state = torch.load(weights, map_location="cpu", weights_only=True)["model"]
+    if is_distiller_state(state):
+        model.load_state_dict(student_state_dict(state))
+    else:
+        DetectionCheckpointer(model).load(weights)
+    model.eval()
+    dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])[:num_images]
+    inputs = [student_inputs(cfg, read_image(d["file_name"], "BGR")) for d in dicts]
+    with torch.no_grad():
+        flops = FlopCountAnalysis(model, [inputs[0]])
+        flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        gflops = flops.total() / 1e9
+        model([inputs[0]])  # warm-up
+        start = time.perf_counter()
+        for x in inputs:
+            model([x])
+        ms = 1000 * (time.perf_counter() - start) / len(inputs)
+    return {"params_M": sum(p.numel() for p in model.parameters()) / 1e6, "GFLOPs": gflops, "ms_per_image": ms}
+
+
+def detection_loss(history: dict, exclude=()) -> list:
+    """Per-iteration sum of the student's own losses: every logged ``loss_*`` except
+    the names in ``exclude`` (the method's declared ``loss_names``)."""
+    own = [k for k in history if k.startswith("loss_") and k not in set(exclude)]
+    by_iter = {}
+    for k in own:
+        for it, v in history[k]:
+            by_iter[it] = by_iter.get(it, 0.0) + v
+    return sorted(by_iter.items())
+
+
+def figure(rows, histories, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["model"] for r in rows]
+    x = np.arange(len(names))
+    for i, key in enumerate(("AP", "AP50")):
+        bars = ax1.bar(x + (i - 0.5) * 0.38, [r[key] for r in rows], 0.38, label=key)
+        ax1.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax1.set_xticks(x, names)
+    ax1.set_ylabel("COCO box AP (validation split)")
+    ax1.legend()
+    ax1.set_title(title)
+    for name, hist in histories.items():
+        its, vals = zip(*hist)
+        k = max(1, len(vals) // 30)
+        smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
+        ax2.plot(its[k - 1:], smooth, label=name)
+    ax2.set_xlabel("iteration")
+    ax2.set_ylabel("detection loss (distillation terms excluded)")
+    ax2.legend()
+    ax2.set_title("training loss of the two students")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def markdown(table, cols) -> str:
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in table:
+        lines.append(f"| {r['model']} | " + " | ".join(
+            lab.fmt(r.get(c, float("nan")), digits=3 if c == "harmonious_ratio" else 2) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logging()
+    setup, iters, extra = args.setup, args.iters, list(args.opts)
+    name = setup.method
+    start = time.perf_counter()
+    print(f"[demo] 1/4 teacher ({setup.teacher_config})", flush=True)
+    teacher = lab.ensure_teacher(setup, args.teacher_weights)
+    plain_row, full_row = lab.plain_row(setup), lab.full_row(setup)
+    print(f"[demo] 2/4 plain student ({setup.plain_config}, {iters} iterations)", flush=True)
+    plain = lab.train_row(plain_row, args.output, iters, args.seed, teacher, extra)
+    print(f"[demo] 3/4 {name} student ({setup.config}, {iters} iterations)", flush=True)
+    distilled = lab.train_row(full_row, args.output, iters, args.seed, teacher, extra)
+
+    print("[demo] 4/4 evaluation and measurements", flush=True)
+    n = args.timing_images
+    table = [
+        {"model": "teacher", **lab.evaluate_teacher(setup, teacher, extra),
+         **measure(setup.teacher_config, extra, teacher, n)},
+        {"model": "plain student", **plain["metrics"],
+         **measure(plain_row.config, plain["opts"], os.path.join(plain["run"], "model_final.pth"), n)},
+        {"model": f"{name} student", **distilled["metrics"],
+         **measure(full_row.config, distilled["opts"], os.path.join(distilled["run"], "model_final.pth"), n)},
+    ]
+    cols = ["AP", "AP50", "AP75", "harmonious_ratio", "params_M", "GFLOPs", "ms_per_image"]
+    text = markdown(table, cols)
+    os.makedirs(args.output, exist_ok=True)
+    stem = f"demo_{setup.key}"
+    fig_path = os.path.join(args.output, f"{stem}.png")
+    exclude = setup.method_cls.loss_names
+    figure(table, {"plain student": detection_loss(plain["loss_history"], exclude),
+                   f"{name} student": detection_loss(distilled["loss_history"], exclude)},
+           fig_path, f"{name} on the built-in dataset, {iters} iterations")
+    lab.write_json(os.path.join(args.output, f"{stem}.json"),
+                   {"config": setup.config, "rows": table, "iters": iters, "seed": args.seed})
+    print("\n" + text)
+    gain = table[2]["AP"] - table[1]["AP"]
+    print(f"\n{name} student vs plain student: {gain:+.2f} AP; figure: {fig_path}; "
+          f"wall time {time.perf_counter() - start:.0f} s")
+    return {"rows": table, "figure": fig_path, "markdown": text, "setup": setup}
+
+
+if __name__ == "__main__":
+    main()
