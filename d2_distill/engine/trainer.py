@@ -30,6 +30,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import add_distill_config
 from ..data import ensure_datasets
+from ..modeling import attach_teacher
 from .checkpoint import DistillCheckpointer
 from .ddp import wrap_ddp
 from .resume import RNGStateHook, build_train_loader, preserved_rng_state, samples_consumed
@@ -77,7 +78,7 @@ class DistillTrainer(DefaultTrainer):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
-        model = self.build_model(cfg)
+        model = attach_teacher(self.build_model(cfg), cfg)  # a Distiller gets its teacher and method here
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
 
