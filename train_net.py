@@ -5,25 +5,30 @@
     python train_net.py --config-file ... --num-gpus 8
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file ... --resume
+
+Evaluation (--eval-only) builds the student alone: the teacher's weights are
+neither needed nor read, unless DISTILL.EVAL.TEACHER asks to evaluate it too.
 """
 import logging
 
 from detectron2.engine import default_argument_parser, launch
 
 from d2_distill.engine import DistillCheckpointer, DistillTrainer, setup_cfg
+from d2_distill.modeling import build_teacher
+from d2_distill.student import is_distiller_cfg
 
 
 def main(args):
     cfg = setup_cfg(args.config_file, args.opts, args)
     if args.eval_only:
-        model = DistillTrainer.build_model(cfg)
+        model = DistillTrainer.build_model(cfg)  # a Distiller: its student only
         DistillCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = DistillTrainer.test(cfg, model)
-        if cfg.DISTILL.EVAL.TEACHER and hasattr(model, "teacher"):
+        if cfg.DISTILL.EVAL.TEACHER and is_distiller_cfg(cfg):
             logging.getLogger("d2_distill").info("Evaluating the teacher")
-            results = {"student": results, "teacher": DistillTrainer.test(cfg, model.teacher.model)}
+            results = {"student": results, "teacher": DistillTrainer.test(cfg, build_teacher(cfg).model)}
         return results
 
     trainer = DistillTrainer(cfg)

@@ -1,14 +1,15 @@
 """Student extraction and TorchScript / ONNX export.
 
 A distiller checkpoint holds ``student.*`` (an unmodified detectron2 model) and
-``method.*`` (adapters); the teacher is never saved. :func:`export_student` turns
+``method.*`` (adapters); the teacher is never saved, and export never builds or
+reads it (DISTILL.TEACHER.WEIGHTS need not exist). :func:`export_student` turns
 it into what vanilla detectron2 loads without this package:
 
 * ``model_final.pth`` = ``{"model": student_state_dict}`` (tensors only, so
   ``torch.load(..., weights_only=True)`` reads it);
-* ``config.yaml`` = the distiller config with ``MODEL.META_ARCHITECTURE`` set to
-  ``DISTILL.STUDENT_META_ARCHITECTURE``, ``MODEL.WEIGHTS`` set to that file and
-  the ``DISTILL`` node removed, so ``get_cfg().merge_from_file`` accepts it.
+* ``config.yaml`` = :func:`d2_distill.student.vanilla_student_cfg` of the
+  distiller config (the student's meta-architecture, ``MODEL.WEIGHTS`` set to
+  that file, no ``DISTILL`` node), so ``get_cfg().merge_from_file`` accepts it.
 
 :func:`trace_student` then traces the exported student with detectron2's own
 ``TracingAdapter`` (vanilla detectron2 only, on CPU) into ``model.ts`` and,
@@ -32,6 +33,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .student import STUDENT_PREFIX, student_inputs, student_state_dict, vanilla_student_cfg
+
 __all__ = [
     "export_student",
     "trace_student",
@@ -44,8 +47,6 @@ __all__ = [
 
 logger = logging.getLogger("d2_distill.export")  # the same name under python -m
 
-STUDENT_PREFIX = "student."
-METHOD_PREFIX = "method."
 TRACE_FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 16
 
@@ -122,61 +123,18 @@ def _model_state(checkpoint, weights: str) -> Dict[str, object]:
 
 def _student_state(state: Dict[str, object], weights: str) -> Dict[str, torch.Tensor]:
     student = {}
-    for key, value in state.items():
-        if not key.startswith(STUDENT_PREFIX):
-            continue  # method.* (adapters) and anything else is not the student's
+    for key, value in student_state_dict(state).items():
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(value)
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{weights!r}: {key} is a {type(value).__name__}, not a tensor")
-        student[key[len(STUDENT_PREFIX):]] = value.detach().cpu().contiguous()
+            raise ValueError(f"{weights!r}: {STUDENT_PREFIX}{key} is a {type(value).__name__}, not a tensor")
+        student[key] = value.detach().cpu().contiguous()
     if not student:
         raise ValueError(
-            f"{weights!r} is not a distiller checkpoint: it has no 'student.*' keys; "
+            f"{weights!r} is not a distiller checkpoint: it has no '{STUDENT_PREFIX}*' keys; "
             "a plain detectron2 checkpoint needs no export"
         )
     return student
-
-
-def _unknown_keys(node, ref, prefix: str = "") -> List[str]:
-    """Keys of ``node`` (recursively) that the reference config does not have."""
-    from detectron2.config import CfgNode
-
-    unknown = []
-    for key, value in node.items():
-        name = prefix + key
-        if key not in ref:
-            unknown.append(name)
-        elif isinstance(value, CfgNode) and isinstance(ref[key], CfgNode) and not ref[key].is_new_allowed():
-            unknown.extend(_unknown_keys(value, ref[key], name + "."))
-    return unknown
-
-
-def _vanilla_student_cfg(cfg, weights_path: str):
-    """The distiller config -> the student's vanilla detectron2 config."""
-    from detectron2.config import get_cfg
-
-    if "DISTILL" not in cfg or cfg.MODEL.META_ARCHITECTURE != "Distiller":
-        raise ValueError(
-            f"not a Distiller config: MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r} "
-            "(expected 'Distiller' with a DISTILL node); a plain detectron2 config needs no export"
-        )
-    arch = cfg.DISTILL.STUDENT_META_ARCHITECTURE
-    if arch in ("", "Distiller"):
-        raise ValueError(f"DISTILL.STUDENT_META_ARCHITECTURE={arch!r} does not name the student's meta-architecture")
-    scfg = cfg.clone()
-    scfg.defrost()
-    scfg.MODEL.META_ARCHITECTURE = arch
-    scfg.MODEL.WEIGHTS = weights_path
-    del scfg["DISTILL"]
-    unknown = _unknown_keys(scfg, get_cfg())
-    if unknown:
-        raise ValueError(
-            "the config has keys vanilla detectron2's get_cfg() does not know, so the exported "
-            f"student config would not load without extensions: {', '.join(unknown)}"
-        )
-    scfg.freeze()
-    return scfg
 
 
 def _check_loads_into(scfg, state: Dict[str, torch.Tensor]) -> None:
@@ -228,14 +186,12 @@ def export_student(
     from .engine.trainer import setup_cfg
 
     cfg = setup_cfg(config_file, list(opts))
-    if "DISTILL" not in cfg or cfg.MODEL.META_ARCHITECTURE != "Distiller":
-        raise ValueError(
-            f"{config_file!r} is not a Distiller config: MODEL.META_ARCHITECTURE="
-            f"{cfg.MODEL.META_ARCHITECTURE!r}; a plain detectron2 config needs no export"
-        )
     weights_path = os.path.abspath(os.path.join(output_dir, "model_final.pth"))
     config_path = os.path.abspath(os.path.join(output_dir, "config.yaml"))
-    scfg = _vanilla_student_cfg(cfg, weights_path)
+    try:
+        scfg = vanilla_student_cfg(cfg, weights_path)
+    except ValueError as e:
+        raise ValueError(f"{config_file!r}: {e}") from None
 
     state = _model_state(read_checkpoint(weights), weights)
     student = _student_state(state, weights)
@@ -275,20 +231,6 @@ def load_student(config_yaml: str, weights: Optional[str] = None):
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     return cfg, model
-
-
-def student_inputs(cfg, image: np.ndarray) -> Dict[str, object]:
-    """One model input from an HWC BGR uint8 image, preprocessed as DefaultPredictor does."""
-    from detectron2.data import transforms as T
-
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an HWC BGR image, got shape {image.shape}")
-    original = image[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else image
-    height, width = original.shape[:2]
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
-    resized = aug.get_transform(original).apply_image(original)
-    tensor = torch.as_tensor(np.ascontiguousarray(resized.astype("float32").transpose(2, 0, 1)))
-    return {"image": tensor, "height": height, "width": width}
 
 
 def _inference_func(model):

@@ -2,18 +2,21 @@
 import pytest
 import torch
 
-from helpers import build, cfg_for
+from helpers import cfg_for
+from trainable import build_trainable as build
 
 
 @pytest.mark.parametrize(
     "opts, error, message",
     [
-        (["DISTILL.METHOD", "KD"], ValueError, r"DISTILL.METHOD='KD' is not one of \['FEATURE', 'TAR', 'TBD'\]"),
+        (["DISTILL.METHOD", "KD"], ValueError, r"DISTILL.METHOD='KD' is not one of \['FEATURE', 'PKD', 'TAR', 'TBD'\]"),
+        (["DISTILL.METHOD", "PKD", "DISTILL.PKD.WEIGHT", "-2.0"], ValueError, r"DISTILL.PKD.WEIGHT=-2.0 must be >= 0"),
+        (["DISTILL.TBD.TFD_CLS_WEIGHT", "1.5", "DISTILL.METHOD", "TBD"], ValueError, r"TFD_CLS_WEIGHT=1.5 must be in \[0, 1\]"),
         (["DISTILL.SCHEDULE.KIND", "exp"], ValueError, r"DISTILL.SCHEDULE.KIND='exp' is not one of"),
         (["DISTILL.SCHEDULE.KIND", "step"], ValueError, "ITERS_PER_EPOCH > 0"),
         (["DISTILL.ADAPTER", "mlp"], ValueError, "DISTILL.ADAPTER='mlp' is not one of"),
         (["DISTILL.TAR.CLS_WEIGHT", "-1.0"], ValueError, r"DISTILL.TAR.CLS_WEIGHT=-1.0 must be >= 0"),
-        (["DISTILL.TBD.TFD_WEIGHT", "-0.5"], ValueError, r"DISTILL.TBD.TFD_WEIGHT=-0.5 must be >= 0"),
+        (["DISTILL.METHOD", "TBD", "DISTILL.TBD.TFD_WEIGHT", "-0.5"], ValueError, r"DISTILL.TBD.TFD_WEIGHT=-0.5 must be >= 0"),
         (["DISTILL.TAR.REG_GATE", "teacher"], ValueError, r"REG_GATE='teacher' is not one of \['student', 'proposal', 'none'\]"),
         (["DISTILL.TAR.TEMPERATURE", "0.0"], ValueError, "TEMPERATURE=0.0 must be > 0"),
         (["DISTILL.STUDENT_META_ARCHITECTURE", "Distiller"], ValueError, "name the student's own"),

@@ -12,7 +12,8 @@ from d2_distill.engine import DistillCheckpointer, DistillTrainer, setup_cfg
 from d2_distill.modeling import Distiller
 from d2_distill.modeling.teacher import resolve_config_file
 
-from helpers import Interrupt, ROOT, build, cfg_for, fake_batch, train
+from helpers import Interrupt, ROOT, cfg_for, fake_batch, train
+from trainable import build_trainable as build
 
 FEATURE_OPTS = ("DISTILL.METHOD", "FEATURE")
 

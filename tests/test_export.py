@@ -58,7 +58,7 @@ def val_images():
 def _distilled_cache(request, tmp_path_factory):
     """name -> a Distiller with a perturbed student, its DistillCheckpointer
     checkpoint and its export; each built once per module."""
-    from detectron2.modeling import build_model
+    from trainable import build_trainable
 
     cache = {}
 
@@ -69,7 +69,7 @@ def _distilled_cache(request, tmp_path_factory):
         config_file = os.path.join(QUICKSTART, config_name)
         teacher_weights = request.getfixturevalue(weights_fixture)
         cfg = setup_cfg(config_file, ["DISTILL.TEACHER.WEIGHTS", teacher_weights] + EXPORT_OPTS)
-        model = build_model(cfg)
+        model = build_trainable(cfg)  # with the method: its adapters are in the checkpoint
         torch.manual_seed(0)
         with torch.no_grad():
             for p in model.student.parameters():
@@ -223,13 +223,13 @@ def test_export_rejects_a_plain_config(distilled, tmp_path):
 
 
 def test_unknown_non_distill_key_fails_loudly():
-    from d2_distill.export import _vanilla_student_cfg
+    from d2_distill.student import vanilla_student_cfg
 
     cfg = setup_cfg(os.path.join(QUICKSTART, "tar_faster_rcnn.yaml"), ["MODEL.DEVICE", "cpu"])
     cfg.defrost()
     cfg.MODEL.MY_EXTENSION_KEY = 1
     with pytest.raises(ValueError, match=r"MODEL\.MY_EXTENSION_KEY"):
-        _vanilla_student_cfg(cfg, "/x/model_final.pth")
+        vanilla_student_cfg(cfg, "/x/model_final.pth")
 
 
 def test_plain_checkpoint_is_not_exported(frcnn_teacher_weights, tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of d2_distill.methods.functional.
+"""Tests of d2_distill.losses (the pure loss functions).
 
 Expected values are worked out by hand in the comments next to them (not by
 re-running the formula under test).
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from d2_distill.methods import functional as Fn
-from d2_distill.methods.functional import (
+from d2_distill import losses as Fn
+from d2_distill.losses import (
     SCHEDULE_KINDS,
     feature_imitation_loss,
     gaussian_mask,

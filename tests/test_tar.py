@@ -3,7 +3,8 @@ import pytest
 import torch
 from detectron2.utils.events import EventStorage
 
-from helpers import build, cfg_for, fake_batch, train
+from helpers import cfg_for, fake_batch, train
+from trainable import build_trainable as build
 
 
 def _count_calls(module):
@@ -84,7 +85,7 @@ def test_losses_finite_without_ground_truth(frcnn_teacher_weights):
 
 def test_decay_is_the_default_schedule(frcnn_teacher_weights):
     model = build(cfg_for("tar_faster_rcnn.yaml", teacher=frcnn_teacher_weights, iters=4))
-    assert model.schedule_kind == "linear"
+    assert model.schedule.kind == "linear"
     assert [model.schedule_factor(t) for t in (0, 2, 4)] == [1.0, 0.5, 0.0]
 
 

@@ -1,22 +1,34 @@
 """What a distillation method is, and the pieces methods share.
 
-A method is a small ``nn.Module`` that
-* checks, from the two configs alone, that it can serve a teacher/student pair
-  (``check_configs``; runs before any weights are loaded);
-* declares what it records on the student (``install``: forward hooks through a
-  :class:`~d2_distill.modeling.capture.Recorder`);
-* owns its trainable adapters (so they are saved with the distiller, never with
-  the student);
-* computes its losses from a :class:`DistillStep` (``forward``), each already
-  multiplied by its own weight; the distiller multiplies them by r(t).
+A method is a small ``nn.Module``, registered with
+``@DISTILL_METHOD_REGISTRY.register()``, that declares on its class:
 
-Shared pieces live here once: the adapter builder, :class:`FeatureImitation`
-(adapters + the feature imitation loss of DESIGN §3) and the Gaussian GT masks.
+* ``name``: its ``DISTILL.METHOD`` value, which is also the name of its config
+  node ``DISTILL.<name>``;
+* ``loss_names``: the loss keys its ``forward`` can return (all ``loss_*``);
+* ``components``: human label -> the config key of that component's weight
+  (ablations switch a component off by setting its weight to 0);
+* ``student_architectures``: the meta-architectures it serves;
+* ``default_schedule``: the schedule used when DISTILL.SCHEDULE.KIND is "";
+* ``add_config(cfg)``: adds ``DISTILL.<name>`` with its commented defaults;
+* ``choices`` / ``non_negative`` / ``positive`` / ``unit_interval``: which of its
+  options are checked how (:meth:`DistillMethod.check_options`);
+* ``check_configs(student_cfg, teacher_cfg)``: whether it can serve a pair,
+  from the two configs alone (runs before any weights are loaded).
+
+Its options are keyword arguments (``@configurable``): the lower-case names of
+its config keys, so ``TARMethod(student=..., teacher=..., feat_weight=1.0)`` and
+``TARMethod(cfg, student=..., teacher=...)`` build the same method. It records
+what it needs on the student (``install``, through a
+:class:`~d2_distill.modeling.capture.Recorder`), owns its trainable adapters (so
+they are saved with the distiller, never with the student) and computes its
+losses from a :class:`DistillStep` (``forward``), each multiplied by its own
+weight; the distiller multiplies them by the schedule factor r(t).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode
@@ -25,33 +37,37 @@ from detectron2.structures import ImageList, Instances
 from detectron2.utils.registry import Registry
 from torch import nn
 
-from .functional import feature_imitation_loss, gaussian_mask
+from ..config import ADAPTERS
+from ..losses import feature_imitation_loss, gaussian_mask
 
 __all__ = [
     "DISTILL_METHOD_REGISTRY",
-    "register_method",
+    "method_class",
+    "method_names",
     "DistillMethod",
     "DistillStep",
-    "FeatureImitation",
+    "FeatureAdapters",
     "build_adapter",
-    "build_feature_imitation",
     "gaussian_masks",
     "check_same",
 ]
 
 DISTILL_METHOD_REGISTRY = Registry("DISTILL_METHOD")
-DISTILL_METHOD_REGISTRY.__doc__ = "Distillation methods, by DISTILL.METHOD name."
+DISTILL_METHOD_REGISTRY.__doc__ = """Distillation methods (DistillMethod subclasses); each one's
+``name`` class attribute is its DISTILL.METHOD value."""
 
 
-def register_method(name: str):
-    """Class decorator: register a DistillMethod under the DISTILL.METHOD value ``name``."""
+def method_names() -> List[str]:
+    """The DISTILL.METHOD values of every registered method, sorted."""
+    return sorted(cls.name for _, cls in DISTILL_METHOD_REGISTRY)
 
-    def deco(cls):
-        DISTILL_METHOD_REGISTRY._do_register(name, cls)
-        cls.method_name = name
-        return cls
 
-    return deco
+def method_class(name: str) -> type:
+    """The registered method whose ``name`` is ``name`` (a DISTILL.METHOD value)."""
+    for _, cls in DISTILL_METHOD_REGISTRY:
+        if cls.name == name:
+            return cls
+    raise ValueError(f"DISTILL.METHOD={name!r} is not one of {method_names()}")
 
 
 @dataclass
@@ -63,19 +79,76 @@ class DistillStep:
     student_losses: Dict[str, torch.Tensor]
     records: Dict[str, Any]  # what the method's hooks recorded on the student
     teacher_images: ImageList
-    teacher_features: Dict[str, torch.Tensor]  # detached, not cropped
-    extras: Dict[str, Any] = field(default_factory=dict)
+    teacher_features: Dict[str, torch.Tensor]  # detached, padded like the teacher's images
 
 
 class DistillMethod(nn.Module):
-    """Base class. Subclasses are registered in ``DISTILL_METHOD_REGISTRY``."""
+    """Base class of the methods in ``DISTILL_METHOD_REGISTRY``."""
 
-    default_schedule: str = "linear"
+    name: ClassVar[str] = ""
+    loss_names: ClassVar[Tuple[str, ...]] = ()
+    components: ClassVar[Dict[str, str]] = {}
+    student_architectures: ClassVar[Tuple[str, ...]] = ()
+    default_schedule: ClassVar[str] = "linear"
+    # option checks, by lower-case option name (see check_options)
+    choices: ClassVar[Dict[str, Tuple]] = {}
+    non_negative: ClassVar[Tuple[str, ...]] = ()
+    positive: ClassVar[Tuple[str, ...]] = ()
+    unit_interval: ClassVar[Tuple[str, ...]] = ()
 
-    @staticmethod
-    def check_configs(student_cfg: CfgNode, teacher_cfg: CfgNode) -> None:
-        """Raise ValueError naming what differs if the pair cannot be served."""
+    def __init__(self, *, teacher):
+        super().__init__()
+        self.teacher = teacher  # a FrozenTeacher: not an nn.Module, so not registered here
 
+    # ---- configuration ------------------------------------------------------
+    @classmethod
+    def add_config(cls, cfg: CfgNode) -> None:
+        """Add ``DISTILL.<name>`` with the method's options and their defaults."""
+        raise NotImplementedError
+
+    @classmethod
+    def options_from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
+        """The method's keyword options from ``DISTILL.<name>``: lower-cased keys."""
+        return {k.lower(): v for k, v in cfg.DISTILL[cls.name].items()}
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, *, student: nn.Module, teacher) -> Dict[str, Any]:
+        return {"student": student, "teacher": teacher, "adapter": cfg.DISTILL.ADAPTER,
+                **cls.options_from_config(cfg)}
+
+    @classmethod
+    def check_options(cls, **options) -> None:
+        """Raise ValueError naming the bad value (as its config key) and what would be
+        valid. Options without a declared check, and names that are not options
+        (``self``, ``student``, ...), are ignored, so ``__init__`` passes ``**locals()``."""
+        for opt, value in options.items():
+            key = f"DISTILL.{cls.name}.{opt.upper()}"
+            if opt in cls.choices and value not in cls.choices[opt]:
+                raise ValueError(f"{key}={value!r} is not one of {list(cls.choices[opt])}")
+            if opt in cls.non_negative and not value >= 0:
+                raise ValueError(f"{key}={value!r} must be >= 0")
+            if opt in cls.positive and not value > 0:
+                raise ValueError(f"{key}={value!r} must be > 0")
+            if opt in cls.unit_interval and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{key}={value!r} must be in [0, 1]")
+
+    @classmethod
+    def validate_config(cls, cfg: CfgNode) -> None:
+        """Check the method's options from the config alone (before anything is built)."""
+        cls.check_options(**cls.options_from_config(cfg))
+
+    @classmethod
+    def check_configs(cls, student_cfg: CfgNode, teacher_cfg: CfgNode) -> None:
+        """Raise ValueError naming what differs if the pair cannot be served.
+        The base class checks both meta-architectures against ``student_architectures``."""
+        for who, c in (("student", student_cfg), ("teacher", teacher_cfg)):
+            if c.MODEL.META_ARCHITECTURE not in cls.student_architectures:
+                raise ValueError(
+                    f"DISTILL.METHOD={cls.name} serves {' and '.join(cls.student_architectures)} "
+                    f"detectors; the {who} is {c.MODEL.META_ARCHITECTURE!r}"
+                )
+
+    # ---- training -----------------------------------------------------------
     def install(self, recorder) -> None:
         """Attach the recorders the method needs to the student."""
 
@@ -98,6 +171,7 @@ def check_same(what: str, student_value, teacher_value, method: str) -> None:
         )
 
 
+
 def build_adapter(kind: str, in_channels: int, out_channels: int, level: str = "") -> nn.Module:
     """Student channels -> teacher channels. Zero bias, Xavier-style weights, so the
     adapted feature starts at the student's scale."""
@@ -108,8 +182,8 @@ def build_adapter(kind: str, in_channels: int, out_channels: int, level: str = "
                 f"{in_channels} student vs {out_channels} teacher channels; use 'conv1x1' or 'conv3x3'"
             )
         return nn.Identity()
-    if kind not in ("conv1x1", "conv3x3"):
-        raise ValueError(f"DISTILL.ADAPTER={kind!r} is not one of 'conv1x1', 'conv3x3', 'none'")
+    if kind not in ADAPTERS:
+        raise ValueError(f"DISTILL.ADAPTER={kind!r} is not one of {list(ADAPTERS)}")
     k = 1 if kind == "conv1x1" else 3
     conv = nn.Conv2d(in_channels, out_channels, kernel_size=k, padding=k // 2)
     nn.init.kaiming_uniform_(conv.weight, a=1)
@@ -131,56 +205,52 @@ def _check_levels(levels: Sequence[str], student: Mapping[str, ShapeSpec], teach
             )
 
 
-class FeatureImitation(nn.Module):
-    """Adapters per level and the masked feature imitation loss (DESIGN §3).
+class FeatureAdapters(nn.Module):
+    """One adapter per distilled level (student channels -> teacher channels).
 
-    ``forward(student, teacher, masks)``: dicts level -> (N,C_s,H,W), (N,C_t,H',W')
-    with H'>=H, W'>=W (the teacher is cropped top-left to the student's size), and
-    level -> (N,H,W) masks. Returns the scalar loss.
+    ``levels`` empty means every level both backbones output. :meth:`pairs` gives the
+    adapted student maps and the teacher maps cropped top-left to the student's size
+    (the teacher's input may be padded more); :meth:`imitation_loss` is the masked
+    feature imitation loss on them.
     """
 
-    def __init__(
-        self,
-        levels: Sequence[str],
-        student_shapes: Mapping[str, ShapeSpec],
-        teacher_shapes: Mapping[str, ShapeSpec],
-        adapter: str,
-        option: str,
-    ):
+    def __init__(self, student: nn.Module, teacher, levels: Sequence[str], adapter: str, option: str):
         super().__init__()
-        levels = list(levels) or [k for k in student_shapes if k in teacher_shapes]
-        _check_levels(levels, student_shapes, teacher_shapes, option)
+        s_shapes = student.backbone.output_shape()
+        t_shapes = teacher.model.backbone.output_shape()
+        levels = list(levels) or [k for k in s_shapes if k in t_shapes]
+        _check_levels(levels, s_shapes, t_shapes, option)
         self.levels = levels
-        self.strides = {k: student_shapes[k].stride for k in levels}
+        self.strides = {k: s_shapes[k].stride for k in levels}
         self.adapters = nn.ModuleDict(
-            {k: build_adapter(adapter, student_shapes[k].channels, teacher_shapes[k].channels, k) for k in levels}
+            {k: build_adapter(adapter, s_shapes[k].channels, t_shapes[k].channels, k) for k in levels}
         )
 
-    def forward(
+    def pairs(
+        self, student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor]
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        s, t = [], []
+        for k in self.levels:
+            fs = student[k]
+            s.append(self.adapters[k](fs))
+            t.append(teacher[k][..., : fs.shape[-2], : fs.shape[-1]])
+        return s, t
+
+    def imitation_loss(
         self,
         student: Mapping[str, torch.Tensor],
         teacher: Mapping[str, torch.Tensor],
         masks: Mapping[str, torch.Tensor],
     ) -> torch.Tensor:
-        s, t, m = [], [], []
-        for k in self.levels:
-            fs = student[k]
-            s.append(self.adapters[k](fs))
-            t.append(teacher[k][..., : fs.shape[-2], : fs.shape[-1]])
-            m.append(masks[k])
-        return feature_imitation_loss(s, t, m)
+        s, t = self.pairs(student, teacher)
+        return feature_imitation_loss(s, t, [masks[k] for k in self.levels])
 
-
-def build_feature_imitation(
-    weight: float, levels: Sequence[str], student, teacher, adapter: str, option: str
-) -> Optional[FeatureImitation]:
-    """A FeatureImitation between the two backbones, or None when ``weight`` is 0
-    (then no adapters exist: nothing unused for DDP, nothing computed)."""
-    if weight <= 0:
-        return None
-    return FeatureImitation(
-        levels, student.backbone.output_shape(), teacher.model.backbone.output_shape(), adapter, option
-    )
+    def gaussian_masks(
+        self, gt_instances: Sequence[Instances], student: Mapping[str, torch.Tensor], sigma_ratio: float
+    ) -> Dict[str, torch.Tensor]:
+        """Gaussian GT masks on the student's maps of the distilled levels."""
+        shapes = {k: student[k].shape for k in self.levels}
+        return gaussian_masks(gt_instances, shapes, self.strides, sigma_ratio)
 
 
 def gaussian_masks(
@@ -189,7 +259,8 @@ def gaussian_masks(
     strides: Mapping[str, int],
     sigma_ratio: float,
 ) -> Dict[str, torch.Tensor]:
-    """level -> (N,H,W): per image, the max over its GT boxes of the Gaussian of DESIGN §4.1.2."""
+    """level -> (N,H,W): per image, the max over its GT boxes of a Gaussian around
+    each box (sigma = sigma_ratio * box side, see :func:`d2_distill.losses.gaussian_mask`)."""
     out = {}
     for lvl, shape in shapes.items():
         h, w = shape[-2:]

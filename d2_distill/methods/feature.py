@@ -2,36 +2,59 @@
 
 The student's backbone output is recorded by a forward hook; each level goes
 through an adapter to the teacher's channels and imitates the teacher's feature,
-weighted by a Gaussian around every GT box (DESIGN §3 and §4.1.2).
+weighted by a Gaussian around every GT box (the feature term of TAR, on its own):
+
+    L = sum_l sum_{n,h,w} M * ||adapter(F_S) - F_T||^2 / C  /  max(sum M, 1)
+
+with M the max over GT boxes of exp(-(dx^2 / 2 sx^2 + dy^2 / 2 sy^2)),
+sx = GAUSSIAN_SIGMA_RATIO * box width (at least 1 px), sy likewise.
 """
 from __future__ import annotations
 
 from typing import Dict
 
 import torch
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, configurable
 
-from .base import DistillMethod, DistillStep, build_feature_imitation, gaussian_masks, register_method
+from .base import DISTILL_METHOD_REGISTRY, DistillMethod, DistillStep, FeatureAdapters
 
 __all__ = ["FeatureMethod"]
 
 
-@register_method("FEATURE")
+@DISTILL_METHOD_REGISTRY.register()
 class FeatureMethod(DistillMethod):
+    name = "FEATURE"
+    loss_names = ("loss_feat",)
+    components = {"feature": "DISTILL.FEATURE.WEIGHT"}
+    student_architectures = ("GeneralizedRCNN", "RetinaNet")
     default_schedule = "linear"
+    non_negative = ("weight",)
+    positive = ("gaussian_sigma_ratio",)
 
-    def __init__(self, cfg: CfgNode, student, teacher):
-        super().__init__()
-        c = cfg.DISTILL.FEATURE
-        self.weight = c.WEIGHT
-        self.sigma_ratio = c.GAUSSIAN_SIGMA_RATIO
-        self.imitation = build_feature_imitation(
-            self.weight, c.LEVELS, student, teacher, cfg.DISTILL.ADAPTER, "DISTILL.FEATURE.LEVELS"
+    @classmethod
+    def add_config(cls, cfg: CfgNode) -> None:
+        c = cfg.DISTILL.FEATURE = CfgNode()
+        # Weight of loss_feat; 0 switches the method off (the teacher never runs).
+        c.WEIGHT = 1.0
+        # Feature levels to imitate; empty = every level the student and teacher share.
+        c.LEVELS = []
+        # Gaussian sigma as a fraction of the box side (0.25: ~0.135 at the box edge).
+        c.GAUSSIAN_SIGMA_RATIO = 0.25
+
+    @configurable
+    def __init__(self, *, student, teacher, weight: float = 1.0, levels=(), gaussian_sigma_ratio: float = 0.25,
+                 adapter: str = "conv1x1"):
+        self.check_options(**locals())
+        super().__init__(teacher=teacher)
+        self.weight = weight
+        self.sigma_ratio = gaussian_sigma_ratio
+        self.imitation = (
+            FeatureAdapters(student, teacher, levels, adapter, "DISTILL.FEATURE.LEVELS") if weight > 0 else None
         )
 
     @property
     def needs_teacher(self) -> bool:
-        return self.weight > 0
+        return self.imitation is not None
 
     def install(self, recorder) -> None:
         recorder.record_output("features", "backbone")
@@ -40,10 +63,5 @@ class FeatureMethod(DistillMethod):
         if self.imitation is None:
             return {}
         feats = step.records["features"]
-        masks = gaussian_masks(
-            step.gt_instances,
-            {k: feats[k].shape for k in self.imitation.levels},
-            self.imitation.strides,
-            self.sigma_ratio,
-        )
-        return {"loss_feat": self.weight * self.imitation(feats, step.teacher_features, masks)}
+        masks = self.imitation.gaussian_masks(step.gt_instances, feats, self.sigma_ratio)
+        return {"loss_feat": self.weight * self.imitation.imitation_loss(feats, step.teacher_features, masks)}

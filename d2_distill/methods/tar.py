@@ -11,7 +11,7 @@ What it runs on the teacher (no grad): its backbone (by the distiller), its box
 pooler / box head / box predictor on *the student's sampled RoIs* (region
 proposal sharing), and its RPN only with ``PROPOSALS: both``.
 
-Losses (DESIGN §4.1): ``loss_tar_feat`` (Gaussian-masked imitation),
+Losses: ``loss_tar_feat`` (Gaussian-masked feature imitation),
 ``loss_tar_cls`` (gated KL on the considered RoIs), ``loss_tar_reg`` (gated
 SmoothL1 between the student's deltas and the teacher's, re-encoded with the
 student's box transform, for the GT class). Both head terms are sums over
@@ -25,13 +25,13 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, configurable
 from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 
-from .base import DistillMethod, DistillStep, build_feature_imitation, check_same, gaussian_masks, register_method
-from .functional import tar_cls_gate, tar_cls_loss, tar_reg_gate, tar_reg_loss
+from ..losses import tar_cls_gate, tar_cls_loss, tar_reg_gate, tar_reg_loss
+from .base import DISTILL_METHOD_REGISTRY, DistillMethod, DistillStep, FeatureAdapters, check_same
 
 __all__ = ["TARMethod"]
 
@@ -44,12 +44,55 @@ def _class_deltas(deltas: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return deltas.view(rows, deltas.shape[1] // 4, 4)[torch.arange(rows, device=deltas.device), classes]
 
 
-@register_method("TAR")
+@DISTILL_METHOD_REGISTRY.register()
 class TARMethod(DistillMethod):
+    name = "TAR"
+    loss_names = ("loss_tar_feat", "loss_tar_cls", "loss_tar_reg")
+    components = {
+        "feature": "DISTILL.TAR.FEAT_WEIGHT",
+        "classification": "DISTILL.TAR.CLS_WEIGHT",
+        "regression": "DISTILL.TAR.REG_WEIGHT",
+    }
+    student_architectures = ("GeneralizedRCNN",)
     default_schedule = "linear"  # the paper's distillation decay
+    choices = {
+        "proposals": ("student", "both"),
+        "cls_rois": ("foreground", "all"),
+        "cls_gate": ("adaptive", "none"),
+        "reg_gate": ("student", "proposal", "none"),
+    }
+    non_negative = ("feat_weight", "cls_weight", "reg_weight", "teacher_proposals_topk")
+    positive = ("temperature", "gaussian_sigma_ratio")
 
-    @staticmethod
-    def check_configs(student_cfg: CfgNode, teacher_cfg: CfgNode) -> None:
+    @classmethod
+    def add_config(cls, cfg: CfgNode) -> None:
+        c = cfg.DISTILL.TAR = CfgNode()
+        # Region proposal sharing (paper): the student's sampled RoIs go through the
+        # teacher's box head. "both" (ours) also adds the teacher's top RPN proposals
+        # to the student's candidates before sampling.
+        c.PROPOSALS = "student"
+        # With PROPOSALS "both": how many of the teacher's top proposals per image.
+        c.TEACHER_PROPOSALS_TOPK = 256
+        # Feature level (paper: Gaussian-masked imitation): levels and sigma ratio.
+        c.FEATURE_LEVELS = ["p2", "p3", "p4", "p5", "p6"]
+        c.GAUSSIAN_SIGMA_RATIO = 0.25
+        # Per-component weights; 0 removes the component (it is not computed).
+        c.FEAT_WEIGHT = 1.0
+        c.CLS_WEIGHT = 1.0
+        c.REG_WEIGHT = 1.0
+        # RoIs the classification term covers: "foreground" (ours) or "all".
+        c.CLS_ROIS = "foreground"
+        # "adaptive": teach only RoIs where the teacher gives the GT class a higher
+        # probability than the student; "none": every RoI.
+        c.CLS_GATE = "adaptive"
+        # Regression gate: teach where the teacher's box overlaps the GT more than
+        # the student's box ("student") or the proposal ("proposal"); "none": always.
+        c.REG_GATE = "student"
+        # Softmax temperature of the classification KL term.
+        c.TEMPERATURE = 1.0
+
+    @classmethod
+    def check_configs(cls, student_cfg: CfgNode, teacher_cfg: CfgNode) -> None:
         for who, c in (("student", student_cfg), ("teacher", teacher_cfg)):
             if c.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
                 raise ValueError(
@@ -68,24 +111,43 @@ class TARMethod(DistillMethod):
         check_same("FPN level names (MODEL.ROI_HEADS.IN_FEATURES)", list(student_cfg.MODEL.ROI_HEADS.IN_FEATURES),
                    list(teacher_cfg.MODEL.ROI_HEADS.IN_FEATURES), "TAR")
 
-    def __init__(self, cfg: CfgNode, student, teacher):
-        super().__init__()
-        c = cfg.DISTILL.TAR
+    @configurable
+    def __init__(
+        self,
+        *,
+        student,
+        teacher,
+        proposals: str = "student",
+        teacher_proposals_topk: int = 256,
+        feature_levels=("p2", "p3", "p4", "p5", "p6"),
+        gaussian_sigma_ratio: float = 0.25,
+        feat_weight: float = 1.0,
+        cls_weight: float = 1.0,
+        reg_weight: float = 1.0,
+        cls_rois: str = "foreground",
+        cls_gate: str = "adaptive",
+        reg_gate: str = "student",
+        temperature: float = 1.0,
+        adapter: str = "conv1x1",
+    ):
+        self.check_options(**locals())
+        super().__init__(teacher=teacher)
         for who, m in (("student", student), ("teacher", teacher.model)):
             if not isinstance(m.roi_heads, StandardROIHeads) or not hasattr(m.roi_heads, "box_predictor"):
                 raise ValueError(f"DISTILL.METHOD=TAR: the {who}'s ROI heads have no standard box head")
-        self.teacher = [teacher]  # a list: not a registered submodule
-        self.feat_weight, self.cls_weight, self.reg_weight = c.FEAT_WEIGHT, c.CLS_WEIGHT, c.REG_WEIGHT
-        self.sigma_ratio = c.GAUSSIAN_SIGMA_RATIO
-        self.proposals = c.PROPOSALS
-        self.teacher_topk = c.TEACHER_PROPOSALS_TOPK
-        self.cls_rois, self.cls_gate, self.reg_gate = c.CLS_ROIS, c.CLS_GATE, c.REG_GATE
-        self.temperature = c.TEMPERATURE
-        self.num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
-        self.beta = cfg.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA
-        self.student_transform = student.roi_heads.box_predictor.box2box_transform
-        self.feature = build_feature_imitation(
-            self.feat_weight, c.FEATURE_LEVELS, student, teacher, cfg.DISTILL.ADAPTER, "DISTILL.TAR.FEATURE_LEVELS"
+        self.feat_weight, self.cls_weight, self.reg_weight = feat_weight, cls_weight, reg_weight
+        self.sigma_ratio = gaussian_sigma_ratio
+        self.proposals = proposals
+        self.teacher_topk = teacher_proposals_topk
+        self.cls_rois, self.cls_gate, self.reg_gate = cls_rois, cls_gate, reg_gate
+        self.temperature = temperature
+        predictor = student.roi_heads.box_predictor
+        self.num_classes = predictor.num_classes
+        self.beta = predictor.smooth_l1_beta
+        self.student_transform = predictor.box2box_transform
+        self.feature = (
+            FeatureAdapters(student, teacher, feature_levels, adapter, "DISTILL.TAR.FEATURE_LEVELS")
+            if feat_weight > 0 else None
         )
         self._teacher_proposals: List[Instances] = []
 
@@ -109,7 +171,7 @@ class TARMethod(DistillMethod):
     def before_student(self, step: DistillStep) -> None:
         if not (self.heads_on and self.proposals == "both"):
             return
-        teacher = self.teacher[0].model
+        teacher = self.teacher.model
         with torch.no_grad():
             props, _ = teacher.proposal_generator(step.teacher_images, step.teacher_features, None)
         self._teacher_proposals = [p[: self.teacher_topk] for p in props]
@@ -126,17 +188,15 @@ class TARMethod(DistillMethod):
         losses: Dict[str, torch.Tensor] = {}
         if self.feature is not None:
             feats = step.records["features"]
-            masks = gaussian_masks(
-                step.gt_instances, {k: feats[k].shape for k in self.feature.levels}, self.feature.strides, self.sigma_ratio
-            )
-            losses["loss_tar_feat"] = self.feat_weight * self.feature(feats, step.teacher_features, masks)
+            masks = self.feature.gaussian_masks(step.gt_instances, feats, self.sigma_ratio)
+            losses["loss_tar_feat"] = self.feat_weight * self.feature.imitation_loss(feats, step.teacher_features, masks)
         if self.heads_on:
             losses.update(self._head_losses(step))
         return losses
 
     def teacher_box_predictions(self, step: DistillStep, boxes: List[Boxes]):
         """The teacher's (logits, deltas) for the given RoIs, on the teacher's features."""
-        heads = self.teacher[0].model.roi_heads
+        heads = self.teacher.model.roi_heads
         with torch.no_grad():
             feats = [step.teacher_features[f] for f in heads.box_in_features]
             x = heads.box_head(heads.box_pooler(feats, boxes))
@@ -151,10 +211,9 @@ class TARMethod(DistillMethod):
         gt_classes = torch.cat([x.gt_classes for x in sampled])
         fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
         # Both head terms are normalised by all sampled RoIs, as detectron2 normalises
-        # loss_cls and loss_box_reg: the functional losses average over the rows they
-        # are given, so rescale by rows / sampled. With a per-foreground-RoI average
-        # (DESIGN 4.1 as first written) the terms were 4-9x the detection losses' own
-        # gradients (quickstart, measured), and swamped the ground truth.
+        # loss_cls and loss_box_reg, so a weight of 1 makes each as strong as its
+        # ground-truth term. The loss functions average over the rows they are given:
+        # rescale by rows / sampled.
         sampled_rows = max(gt_classes.numel(), 1)
         out: Dict[str, torch.Tensor] = {}
         log = get_event_storage().iter % 20 == 0
@@ -175,7 +234,7 @@ class TARMethod(DistillMethod):
             )[fg]
             y = gt_classes[fg]
             ds = _class_deltas(s_deltas[fg], y)
-            t_transform = self.teacher[0].model.roi_heads.box_predictor.box2box_transform
+            t_transform = self.teacher.model.roi_heads.box_predictor.box2box_transform
             t_boxes = t_transform.apply_deltas(_class_deltas(t_deltas[fg], y), proposals)
             dt = self.student_transform.get_deltas(proposals, t_boxes)  # teacher, in the student's encoding
             if self.reg_gate == "student":

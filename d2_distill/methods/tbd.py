@@ -11,7 +11,7 @@ What it runs on the teacher (no grad): its backbone (by the distiller), its
 anchor generator and dense head on its features cropped to the student's sizes.
 No post-processing.
 
-Losses (DESIGN §4.2), all over anchors flattened across levels:
+Losses, all over anchors flattened across levels:
 ``loss_tbd_hd`` (Harmony-weighted quality-focal classification imitation +
 Harmony-weighted GIoU between student and teacher boxes on positives) and
 ``loss_tbd_tfd`` (feature imitation under the task-decoupled mask).
@@ -21,20 +21,13 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, configurable
 from detectron2.modeling.meta_arch.retinanet import permute_to_N_HWA_K
 from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
-from .base import DistillMethod, DistillStep, build_feature_imitation, check_same, register_method
-from .functional import (
-    giou_loss_rowwise,
-    harmony_score,
-    quality_focal_distill_loss,
-    rowwise_iou,
-    tfd_balance,
-    tfd_mask,
-)
+from ..losses import giou_loss_rowwise, harmony_score, quality_focal_distill_loss, rowwise_iou, tfd_balance, tfd_mask
+from .base import DISTILL_METHOD_REGISTRY, DistillMethod, DistillStep, FeatureAdapters, check_same
 
 __all__ = ["TBDMethod", "anchors_per_location"]
 
@@ -53,12 +46,38 @@ def _flatten(per_level: List[torch.Tensor], k: int) -> torch.Tensor:
     return torch.cat([permute_to_N_HWA_K(x, k) for x in per_level], dim=1)
 
 
-@register_method("TBD")
+@DISTILL_METHOD_REGISTRY.register()
 class TBDMethod(DistillMethod):
+    name = "TBD"
+    loss_names = ("loss_tbd_hd", "loss_tbd_tfd")
+    components = {"HD": "DISTILL.TBD.HD_WEIGHT", "TFD": "DISTILL.TBD.TFD_WEIGHT"}
+    student_architectures = ("RetinaNet",)
     default_schedule = "constant"
+    choices = {"tfd_balance": ("dynamic", "fixed")}
+    non_negative = ("hs_quality_exp", "hd_weight", "hd_reg_weight", "hd_neg_weight", "tfd_weight")
+    positive = ("temperature",)
+    unit_interval = ("tfd_cls_weight",)
 
-    @staticmethod
-    def check_configs(student_cfg: CfgNode, teacher_cfg: CfgNode) -> None:
+    @classmethod
+    def add_config(cls, cfg: CfgNode) -> None:
+        c = cfg.DISTILL.TBD = CfgNode()
+        # Harmony Score HS = (1 - |s - u|) * (s*u)^(gamma/2); gamma = 0 is pure agreement.
+        c.HS_QUALITY_EXP = 1.0
+        # Harmonious distillation (HD) weight, its box-term weight, the weight of
+        # negative anchors in its classification term, and its temperature.
+        c.HD_WEIGHT = 1.0
+        c.HD_REG_WEIGHT = 1.0
+        c.HD_NEG_WEIGHT = 1.0
+        c.TEMPERATURE = 1.0
+        # Task-decoupled feature distillation (TFD) weight, task balance
+        # ("dynamic": from the student's current cls/box losses; "fixed") and the
+        # classification share with "fixed".
+        c.TFD_WEIGHT = 1.0
+        c.TFD_BALANCE = "dynamic"
+        c.TFD_CLS_WEIGHT = 0.5
+
+    @classmethod
+    def check_configs(cls, student_cfg: CfgNode, teacher_cfg: CfgNode) -> None:
         for who, c in (("student", student_cfg), ("teacher", teacher_cfg)):
             if c.MODEL.META_ARCHITECTURE != "RetinaNet":
                 raise ValueError(
@@ -71,20 +90,35 @@ class TBDMethod(DistillMethod):
         check_same("anchors per location (MODEL.ANCHOR_GENERATOR)", anchors_per_location(student_cfg),
                    anchors_per_location(teacher_cfg), "TBD")
 
-    def __init__(self, cfg: CfgNode, student, teacher):
-        super().__init__()
-        c = cfg.DISTILL.TBD
-        self.teacher = [teacher]  # a list: not a registered submodule
-        self.hd_weight, self.hd_reg_weight, self.hd_neg_weight = c.HD_WEIGHT, c.HD_REG_WEIGHT, c.HD_NEG_WEIGHT
-        self.tfd_weight, self.tfd_balance, self.tfd_cls_weight = c.TFD_WEIGHT, c.TFD_BALANCE, c.TFD_CLS_WEIGHT
-        self.quality_exp = c.HS_QUALITY_EXP
-        self.temperature = c.TEMPERATURE
+    @configurable
+    def __init__(
+        self,
+        *,
+        student,
+        teacher,
+        hs_quality_exp: float = 1.0,
+        hd_weight: float = 1.0,
+        hd_reg_weight: float = 1.0,
+        hd_neg_weight: float = 1.0,
+        temperature: float = 1.0,
+        tfd_weight: float = 1.0,
+        tfd_balance: str = "dynamic",
+        tfd_cls_weight: float = 0.5,
+        adapter: str = "conv1x1",
+    ):
+        self.check_options(**locals())
+        super().__init__(teacher=teacher)
+        self.hd_weight, self.hd_reg_weight, self.hd_neg_weight = hd_weight, hd_reg_weight, hd_neg_weight
+        self.tfd_weight, self.tfd_balance, self.tfd_cls_weight = tfd_weight, tfd_balance, tfd_cls_weight
+        self.quality_exp = hs_quality_exp
+        self.temperature = temperature
         self.num_classes = student.num_classes
         self.in_features = list(student.head_in_features)
         self.student_transform = student.box2box_transform
         self.num_anchors = dict(zip(self.in_features, student.anchor_generator.num_anchors))
-        self.tfd = build_feature_imitation(
-            self.tfd_weight, self.in_features, student, teacher, cfg.DISTILL.ADAPTER, "MODEL.RETINANET.IN_FEATURES"
+        self.tfd = (
+            FeatureAdapters(student, teacher, self.in_features, adapter, "MODEL.RETINANET.IN_FEATURES")
+            if tfd_weight > 0 else None
         )
 
     @property
@@ -99,7 +133,7 @@ class TBDMethod(DistillMethod):
 
     def teacher_dense(self, step: DistillStep, student_feats: Dict[str, torch.Tensor]):
         """The teacher's per-level (logits, deltas) and anchors, on its features cropped to the student's."""
-        t = self.teacher[0].model
+        t = self.teacher.model
         with torch.no_grad():
             feats = [
                 step.teacher_features[f][..., : student_feats[f].shape[-2], : student_feats[f].shape[-1]]
@@ -122,7 +156,7 @@ class TBDMethod(DistillMethod):
         N, R = gt_labels.shape
         s_anchors = Boxes.cat(r["anchors"]).tensor
         t_anchors = Boxes.cat(t_anchors).tensor
-        t_transform = self.teacher[0].model.box2box_transform
+        t_transform = self.teacher.model.box2box_transform
         t_boxes = t_transform.apply_deltas(t_deltas.reshape(-1, 4), t_anchors.repeat(N, 1)).view(N, R, 4)
         t_prob = t_logits.float().sigmoid()  # s_T = sigma(z_T): Harmony Score and the TFD mask (no temperature)
 
@@ -180,4 +214,4 @@ class TBDMethod(DistillMethod):
         storage = get_event_storage()
         if storage.iter % 20 == 0:
             storage.put_scalar("distill/tbd_tfd_cls_weight", w_cls if isinstance(w_cls, float) else w_cls.detach())
-        return self.tfd(feats, step.teacher_features, masks)
+        return self.tfd.imitation_loss(feats, step.teacher_features, masks)

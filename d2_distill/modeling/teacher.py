@@ -1,9 +1,14 @@
 """The frozen teacher.
 
 Built from its own detectron2 config (DISTILL.TEACHER.CONFIG_FILE + OPTS), loaded
-strictly from DISTILL.TEACHER.WEIGHTS, frozen, and kept in eval mode. It is held
-by the distiller outside of its registered submodules, so it is never saved in a
-checkpoint, never wrapped by DDP and never handed to the optimizer.
+strictly from DISTILL.TEACHER.WEIGHTS (refused if any tensor is NaN/Inf), frozen,
+and kept in eval mode.
+
+:class:`FrozenTeacher` is deliberately *not* an ``nn.Module``: assigning it to an
+attribute of a module (the distiller, a method) does not register it, so the
+teacher is never in ``state_dict()`` or ``parameters()``: never saved in a
+checkpoint, never wrapped by DDP, never handed to the optimizer, never switched
+to train mode by ``model.train()``. This is the one way the teacher is hidden.
 
 The teacher never runs its own ``forward``: methods call the parts they need
 (backbone, RPN, box head, dense head) through the helpers here, all under
@@ -14,7 +19,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Dict, Sequence
+from typing import Callable, Dict, Iterator, Sequence
+
+import numpy as np
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -24,8 +31,16 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ..config import add_distill_config
+from ..student import is_distiller_state, student_cfg, student_state_dict
 
-__all__ = ["FrozenTeacher", "build_teacher", "resolve_config_file", "load_teacher_cfg"]
+__all__ = [
+    "FrozenTeacher",
+    "build_teacher",
+    "check_teacher_weights",
+    "common_divisibility",
+    "load_teacher_cfg",
+    "resolve_config_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +74,16 @@ def load_teacher_cfg(cfg: CfgNode) -> CfgNode:
     add_distill_config(tcfg)
     tcfg.merge_from_file(resolve_config_file(cfg.DISTILL.TEACHER.CONFIG_FILE))
     tcfg.merge_from_list(list(cfg.DISTILL.TEACHER.OPTS))
-    if tcfg.MODEL.META_ARCHITECTURE == "Distiller":  # a distilled model can teach in turn
-        tcfg.MODEL.META_ARCHITECTURE = tcfg.DISTILL.STUDENT_META_ARCHITECTURE
+    tcfg = student_cfg(tcfg).clone()  # a distilled model can teach in turn: its student does
+    tcfg.defrost()
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     tcfg.MODEL.WEIGHTS = cfg.DISTILL.TEACHER.WEIGHTS
     tcfg.freeze()
     return tcfg
 
 
-def _check_weights_path(weights: str) -> None:
+def check_teacher_weights(weights: str) -> None:
+    """Fail at once when DISTILL.TEACHER.WEIGHTS is empty or names a missing file."""
     if not weights:
         raise ValueError(
             "DISTILL.TEACHER.WEIGHTS is empty: a teacher needs trained weights "
@@ -77,10 +93,24 @@ def _check_weights_path(weights: str) -> None:
         raise FileNotFoundError(f"DISTILL.TEACHER.WEIGHTS={weights!r}: no such file")
 
 
+def _first_non_finite(state: Dict[str, object]):
+    """(key, number of non-finite values) of the first floating tensor with NaN/Inf, or None."""
+    for key, value in state.items():
+        if isinstance(value, np.ndarray):
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                return key, int((~np.isfinite(value)).sum())
+        elif isinstance(value, torch.Tensor) and value.is_floating_point():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                return key, int((~finite).sum())
+    return None
+
+
 class StrictTeacherCheckpointer(DetectionCheckpointer):
-    """Loads teacher weights strictly: a missing, unexpected or mis-shaped key is an
-    error naming both files, never a warning. Reads .pth, model-zoo .pkl (with
-    detectron2's name matching) and distiller checkpoints (their student)."""
+    """Loads teacher weights strictly: a missing, unexpected or mis-shaped key, or a
+    tensor with NaN/Inf values, is an error naming the file, never a warning. Reads
+    .pth, model-zoo .pkl (with detectron2's name matching) and distiller checkpoints
+    (their student)."""
 
     def _load_file(self, filename):
         try:
@@ -95,8 +125,15 @@ class StrictTeacherCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         state = checkpoint["model"]
-        if any(k.startswith("student.") for k in state):  # a distiller checkpoint: take its student
-            checkpoint["model"] = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+        if is_distiller_state(state):  # a distiller checkpoint: take its student
+            state = checkpoint["model"] = student_state_dict(state)
+        bad = _first_non_finite(state)
+        if bad is not None:
+            raise RuntimeError(
+                f"DISTILL.TEACHER.WEIGHTS={self._weights!r} has non-finite values: tensor {bad[0]!r} holds "
+                f"{bad[1]} NaN/Inf value(s); a teacher must be a finite, trained checkpoint "
+                "(was its training diverging when it was saved?)"
+            )
         incompatible = super()._load_model(checkpoint)
         problems = []
         if incompatible.missing_keys:
@@ -116,28 +153,50 @@ class StrictTeacherCheckpointer(DetectionCheckpointer):
         return incompatible
 
     def load_strict(self, weights: str, config_file: str) -> None:
-        _check_weights_path(weights)
+        check_teacher_weights(weights)
         self._weights, self._config_file = weights, config_file
         self.load(weights, checkpointables=[])
 
 
-class FrozenTeacher(nn.Module):
-    """A detectron2 model, frozen, in eval mode forever."""
+class FrozenTeacher:
+    """A detectron2 model, frozen (no parameter requires grad) and in eval mode.
+
+    Not an ``nn.Module`` (see the module docstring): holders move it with
+    :meth:`to` / :meth:`apply_to_model`, nothing else reaches it.
+    """
 
     def __init__(self, model: nn.Module, cfg: CfgNode):
-        super().__init__()
         self.model = model
         self.cfg = cfg
         for p in self.model.parameters():
             p.requires_grad_(False)
-        super().train(False)
+        self.model.eval()
 
-    def train(self, mode: bool = True) -> "FrozenTeacher":
-        return super().train(False)  # eval() forever: BN/GN statistics, dropout, RPN topk
+    @property
+    def training(self) -> bool:
+        return self.model.training
 
     @property
     def input_format(self) -> str:
         return self.cfg.INPUT.FORMAT
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.pixel_mean.device
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.parameters()
+
+    def modules(self) -> Iterator[nn.Module]:
+        return self.model.modules()
+
+    def to(self, *args, **kwargs) -> "FrozenTeacher":
+        self.model.to(*args, **kwargs)
+        return self
+
+    def apply_to_model(self, fn: Callable) -> None:
+        """What ``nn.Module._apply`` does to its own tensors (``.to()``, ``.half()``, ...)."""
+        self.model._apply(fn)
 
     @torch.no_grad()
     def preprocess(
@@ -172,24 +231,8 @@ def build_teacher(cfg: CfgNode) -> FrozenTeacher:
     """Build, strictly load and freeze the teacher named by ``cfg.DISTILL.TEACHER``."""
     tcfg = load_teacher_cfg(cfg)
     weights = cfg.DISTILL.TEACHER.WEIGHTS
-    _check_weights_path(weights)  # fail before building anything
+    check_teacher_weights(weights)  # fail before building anything
     model = build_model(tcfg)
     StrictTeacherCheckpointer(model).load_strict(weights, cfg.DISTILL.TEACHER.CONFIG_FILE)
     logger.info("Teacher %s loaded from %s", tcfg.MODEL.META_ARCHITECTURE, weights)
     return FrozenTeacher(model, tcfg)
-
-
-def crop_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Crop a teacher map (N,C,H',W') to a student map's (H,W); H'>=H, W'>=W (top-left aligned)."""
-    h, w = like.shape[-2:]
-    if x.shape[-2] < h or x.shape[-1] < w:
-        raise ValueError(f"teacher feature {tuple(x.shape)} is smaller than the student's {tuple(like.shape)}")
-    return x[..., :h, :w]
-
-
-def level_strides(backbone: nn.Module) -> Dict[str, int]:
-    return {k: v.stride for k, v in backbone.output_shape().items()}
-
-
-def level_channels(backbone: nn.Module) -> Dict[str, int]:
-    return {k: v.channels for k, v in backbone.output_shape().items()}

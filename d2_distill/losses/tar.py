@@ -1,0 +1,108 @@
+"""TAR losses (Sun et al., arXiv 2006.13108): the adaptive gates of the RoI head
+terms and the gated classification (KL) and regression (smooth L1) losses.
+Conventions: see :mod:`d2_distill.losses.common`."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .common import _acc_dtype, _check_rows, _check_same_shape, rowwise_iou
+
+__all__ = ["tar_cls_gate", "tar_reg_gate", "tar_cls_loss", "tar_reg_loss"]
+
+
+def tar_cls_gate(student_logits: Tensor, teacher_logits: Tensor, gt_classes: Tensor) -> Tensor:
+    """Classification gate: is the teacher more confident in the ground truth?
+
+    (R, K+1), (R, K+1), (R,) int -> (R,) bool (no gradient):
+
+        a_i = 1[ p_T,i(y_i) > p_S,i(y_i) ],  p = softmax(z) over the K+1 classes
+
+    Ties give False.
+    """
+    _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+    if student_logits.dim() != 2:
+        raise ValueError(f"logits must be (R, K+1), got {tuple(student_logits.shape)}")
+    _check_rows("gt_classes", gt_classes, student_logits.shape[0])
+    with torch.no_grad():
+        acc = _acc_dtype(student_logits, teacher_logits)
+        idx = gt_classes.detach().long()[:, None]
+        ps = F.softmax(student_logits.detach().to(acc), dim=-1).gather(1, idx)[:, 0]
+        pt = F.softmax(teacher_logits.detach().to(acc), dim=-1).gather(1, idx)[:, 0]
+        return pt > ps
+
+
+def tar_reg_gate(teacher_boxes: Tensor, reference_boxes: Tensor, gt_boxes: Tensor) -> Tensor:
+    """Regression gate: does the teacher box fit the ground truth better?
+
+    (R, 4) xyxy x 3 -> (R,) bool (no gradient):
+
+        g_i = 1[ IoU(b_T,i, gt_i) > IoU(ref_i, gt_i) ]
+
+    with row-aligned IoU (:func:`rowwise_iou`); degenerate boxes have IoU 0.
+    """
+    with torch.no_grad():
+        iou_t = rowwise_iou(teacher_boxes.detach(), gt_boxes.detach())
+        iou_r = rowwise_iou(reference_boxes.detach(), gt_boxes.detach())
+        return iou_t > iou_r
+
+
+def tar_cls_loss(
+    student_logits: Tensor, teacher_logits: Tensor, gate: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """Gated KL distillation of RoI class scores.
+
+    (R, K+1), (R, K+1), (R,) gate (bool or float) -> 0-dim:
+
+        L = tau^2 * sum_i a_i * KL(softmax(z_T,i / tau) || softmax(z_S,i / tau)) / max(R, 1)
+        KL(p || q) = sum_c p_c (log p_c - log q_c)
+
+    computed with log_softmax in the accumulation dtype. The normaliser is the
+    number of rows R, not the number of open gates. Teacher and gate are
+    detached; R == 0 gives a graph-connected 0.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+    if student_logits.dim() != 2:
+        raise ValueError(f"logits must be (R, K+1), got {tuple(student_logits.shape)}")
+    rows = student_logits.shape[0]
+    _check_rows("gate", gate, rows)
+    acc = _acc_dtype(student_logits, teacher_logits)
+    log_q = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.detach().to(acc) / temperature, dim=-1)
+    p = log_p.exp()
+    # p_c = 0 terms (teacher logit -inf) contribute 0 instead of 0 * inf = NaN
+    kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(log_q)).sum(dim=-1)  # (R,)
+    weighted = (kl * gate.detach().to(acc)).sum()
+    return weighted * (float(temperature) ** 2 / max(rows, 1))
+
+
+def tar_reg_loss(student_deltas: Tensor, teacher_deltas: Tensor, gate: Tensor, beta: float) -> Tensor:
+    """Gated smooth-L1 distillation of box deltas.
+
+    (R, 4), (R, 4), (R,) gate -> 0-dim:
+
+        L = sum_i g_i * sum_{j<4} SmoothL1_beta(d_S,ij - d_T,ij) / max(R, 1)
+        SmoothL1_beta(x) = 0.5 x^2 / beta  if |x| < beta  else  |x| - 0.5 beta
+
+    ``beta`` < 1e-5 (in particular 0) means plain L1, as in fvcore's
+    ``smooth_l1_loss``. Teacher and gate are detached.
+    """
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta!r}")
+    _check_same_shape("student_deltas", student_deltas, "teacher_deltas", teacher_deltas)
+    if student_deltas.dim() != 2:
+        raise ValueError(f"deltas must be (R, 4), got {tuple(student_deltas.shape)}")
+    rows = student_deltas.shape[0]
+    _check_rows("gate", gate, rows)
+    acc = _acc_dtype(student_deltas, teacher_deltas)
+    diff = student_deltas.to(acc) - teacher_deltas.detach().to(acc)
+    ad = diff.abs()
+    if beta < 1e-5:
+        per = ad
+    else:
+        per = torch.where(ad < beta, 0.5 * diff.square() / beta, ad - 0.5 * beta)
+    weighted = (per.sum(dim=-1) * gate.detach().to(acc)).sum()
+    return weighted / max(rows, 1)

@@ -1,0 +1,68 @@
+"""PKD: General Distillation Framework for Object Detectors via Pearson
+Correlation Coefficient (Cao et al., NeurIPS 2022), for any FPN detector.
+
+The student's backbone (FPN) output is recorded by a forward hook; on every
+level both models output (or DISTILL.PKD.LEVELS), the student's map goes
+through an adapter to the teacher's channels, both maps are standardised per
+channel over (N, H, W), and the student imitates the teacher's standardised map
+(:func:`d2_distill.losses.pkd_loss`):
+
+    loss_pkd = WEIGHT * sum_l mean((s_hat - t_hat)^2) / 2
+
+No ground-truth mask and no teacher head: only the teacher's backbone runs, so
+it serves two-stage (GeneralizedRCNN) and one-stage (RetinaNet) pairs alike, and
+teachers whose feature magnitudes differ from the student's.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from detectron2.config import CfgNode, configurable
+
+from ..losses import pkd_loss
+from .base import DISTILL_METHOD_REGISTRY, DistillMethod, DistillStep, FeatureAdapters
+
+__all__ = ["PKDMethod"]
+
+
+@DISTILL_METHOD_REGISTRY.register()
+class PKDMethod(DistillMethod):
+    name = "PKD"
+    loss_names = ("loss_pkd",)
+    components = {"feature": "DISTILL.PKD.WEIGHT"}
+    student_architectures = ("GeneralizedRCNN", "RetinaNet")
+    # The paper keeps its loss weight fixed through training; a correlation target
+    # does not become easier to match as the student improves, so it is not decayed.
+    default_schedule = "constant"
+    non_negative = ("weight",)
+
+    @classmethod
+    def add_config(cls, cfg: CfgNode) -> None:
+        c = cfg.DISTILL.PKD = CfgNode()
+        # Weight of loss_pkd; 0 switches the method off (the teacher never runs).
+        # Provisional: not yet tuned on the built-in dataset.
+        c.WEIGHT = 1.0
+        # FPN levels to imitate; empty = every level the student and teacher share.
+        c.LEVELS = []
+
+    @configurable
+    def __init__(self, *, student, teacher, weight: float = 1.0, levels=(), adapter: str = "conv1x1"):
+        self.check_options(**locals())
+        super().__init__(teacher=teacher)
+        self.weight = weight
+        self.features = FeatureAdapters(student, teacher, levels, adapter, "DISTILL.PKD.LEVELS") if weight > 0 else None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.features is not None
+
+    def install(self, recorder) -> None:
+        if self.features is not None:
+            recorder.record_output("features", "backbone")
+
+    def forward(self, step: DistillStep) -> Dict[str, torch.Tensor]:
+        if self.features is None:
+            return {}
+        student, teacher = self.features.pairs(step.records["features"], step.teacher_features)
+        return {"loss_pkd": self.weight * pkd_loss(student, teacher)}
