@@ -27,7 +27,9 @@ def _standardise(x: Tensor, eps: float) -> Tensor:
     count = x.shape[0] * x.shape[2] * x.shape[3]
     centred = x - x.mean(dim=dims, keepdim=True)
     var = centred.square().sum(dim=dims, keepdim=True) / max(count - 1, 1)
-    return centred / (var.sqrt() + eps)
+    # clamped: the gradient of sqrt at 0 is infinite (a constant channel would give NaN)
+    std = var.clamp(min=torch.finfo(var.dtype).tiny).sqrt()
+    return centred / (std + eps)
 
 
 def pkd_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], eps: float = 1e-6) -> Tensor:
