@@ -10,4 +10,4 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) demo.py $(ARGS)
+	$(PY) -m benchmarks.demo $(ARGS)

@@ -56,47 +56,83 @@ def parse_args(argv=None):
 
 
 def plan(args):
-    """The rows to run: [(row, skipped reason or None)], baselines after the method's rows."""
+    """The rows to run, baselines after the method's rows, filtered by ``--rows``."""
     rows = lab.ablation_rows(args.setup, extra=not args.no_extra)
     rows += [lab.full_row(s) for s in args.baseline_setups]
     return [r for r in rows if not args.rows or r.name in args.rows]
 
 
-def _row_cfg(row, opts):
+def same_run_key(row, opts) -> str:
+    """What decides a row's runs: the fingerprint of its merged config, with an empty
+    DISTILL.SCHEDULE.KIND replaced by the method's default (the same schedule)."""
+    from d2_distill.engine import setup_cfg
+    from d2_distill.methods import method_class
+
+    cfg = setup_cfg(os.path.join(lab.ROOT, row.config), opts)
+    if cfg.MODEL.META_ARCHITECTURE == "Distiller" and not cfg.DISTILL.SCHEDULE.KIND:
+        cfg.defrost()
+        cfg.DISTILL.SCHEDULE.KIND = method_class(cfg.DISTILL.METHOD).default_schedule
+    return fingerprint(cfg)
+
+
+def missing_key(config: str, opts) -> str:
+    """The first KEY of ``opts`` (KEY VALUE ...) that the merged ``config`` lacks, or ''."""
     from d2_distill.engine import setup_cfg
 
-    return setup_cfg(os.path.join(lab.ROOT, row.config), opts)
+    cfg = setup_cfg(os.path.join(lab.ROOT, config))
+    for key in opts[::2]:
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return key
+            node = node[part]
+    return ""
+
+
+def resolve(rows, args, teacher: str):
+    """[table entry] per row, nothing trained: ``skipped`` (an option the config does
+    not have), ``same_as`` (the merged config of an earlier row), or ``row_obj`` to run."""
+    entries, seen = [], {}
+    for row in rows:
+        entry = {"row": row.name, "config": row.config}
+        opts = lab.row_opts(row, args.iters, args.seeds[0], teacher, args.opts)
+        missing = missing_key(row.config, opts)
+        if missing:  # an option this version of the method does not have
+            entry["skipped"] = f"needs {missing}, which the config does not have"
+        else:
+            key = same_run_key(row, opts)
+            if key in seen:
+                entry["same_as"] = seen[key]["row"]
+            else:
+                entry["row_obj"] = row
+                seen[key] = entry
+        entries.append(entry)
+    return entries
 
 
 def run(args) -> dict:
     lab.check_repo_root()
     setup, iters = args.setup, args.iters
     teacher = lab.ensure_teacher(setup, args.teacher_weights)
-    table, seen = [], {}
-    for row in plan(args):
-        entry = {"row": row.name, "config": row.config, "per_seed": []}
-        try:
-            opts = lab.row_opts(row, iters, args.seeds[0], teacher, args.opts)
-            key = fingerprint(_row_cfg(row, opts))
-        except KeyError as e:  # an option this version of the method does not have
-            entry["skipped"] = f"needs an option the config does not have: {e}"
-            table.append(entry)
+    table = resolve(plan(args), args, teacher)
+    done = {}
+    for entry in table:
+        row = entry.pop("row_obj", None)
+        if row is None:
             continue
-        if key in seen:  # same merged config as an earlier row: same runs
-            entry.update({k: v for k, v in seen[key].items() if k not in ("row",)}, same_as=seen[key]["row"])
-            table.append(entry)
-            continue
+        entry["per_seed"] = []
         for seed in args.seeds:
             rec = lab.train_row(row, args.output, iters, seed, teacher, args.opts)
             entry["per_seed"].append({"seed": seed, "run": rec["run"], "command": rec["command"],
                                       "train_seconds": rec["train_seconds"], **rec["metrics"]})
         for c in COLUMNS:
             entry[c], entry[f"{c}_sd"] = lab.mean_sd([s.get(c) for s in entry["per_seed"]])
-        seen[key] = entry
-        table.append(entry)
-    t = {"row": "teacher", "config": setup.teacher_config, "weights": teacher,
-         **lab.evaluate_teacher(setup, teacher, args.opts)}
-    table.append(t)
+        done[entry["row"]] = entry
+    for entry in table:
+        if "same_as" in entry:
+            entry.update({k: v for k, v in done[entry["same_as"]].items() if k not in ("row", "config")})
+    table.append({"row": "teacher", "config": setup.teacher_config, "weights": teacher,
+                  **lab.evaluate_teacher(setup, teacher, args.opts)})
     return {"method": setup.method, "config": setup.config, "iters": iters, "seeds": list(args.seeds),
             "columns": list(COLUMNS), "sd": "sample standard deviation over seeds (n - 1); 0 for one seed",
             "rows": table}

@@ -1,232 +1,151 @@
-#!/usr/bin/env python
-"""Plain vs distilled student AP over several seeds: is the gain larger than seed noise?
+"""Plain vs distilled student AP over several seeds: is the gain larger than seed noise,
+and how much of the teacher-student gap does distillation close?
 
-    python benchmarks/distill_gain.py                       # TAR and TBD, seeds 0 1 2
-    python benchmarks/distill_gain.py --methods tbd --seeds 0 1 2 3 4
+    python -m benchmarks.distill_gain                          # every method, seeds 0 1 2
+    python -m benchmarks.distill_gain --methods tbd pkd --seeds 0 1 2 3 4
 
-For every method and seed it trains and evaluates the ablation's "plain student"
-row and its full-method row ("full TAR" / "full TBD") of ``benchmarks/ablation.py``,
-with the same configs, opts, schedule (``schedule_opts``) and run folders
-(``run_folder``), through ``train_and_evaluate``: runs are cached and shared with
-the ablation and the demo (seed 0 are the ablation's own runs), and a finished
-run is never repeated. The teacher is the ablation's (trained first if missing)
-unless ``--teacher-weights`` names one.
+For every quickstart config of each method (``benchmarks.setups``) and every
+seed it trains and evaluates the plain student and the full method, with the
+same rows, schedule and run folders as the ablation and the demo (so their runs
+are shared and a finished run is never repeated). The teacher is the config's
+quickstart teacher (trained first if missing) unless ``--teacher-weights`` names
+one, and it is evaluated on the same validation split.
 
-Prints per method the plain and distilled AP (mean ± sample std over seeds),
-the per-seed differences (distilled - plain) and whether the distilled student
-is better on every seed; writes everything to ``--output`` (JSON).
+Prints per config: AP per seed (plain / distilled / difference), mean ± sample
+sd, whether the distilled student is better on every seed, and the gap closed,
+(distilled − plain) / (teacher − plain) in %, per seed and on the means; writes
+everything to ``--output`` (JSON).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import statistics
-import sys
-from types import SimpleNamespace
-from typing import Dict, List, Optional
+from typing import Dict, List
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from benchmarks.ablation import SETUPS, check_iters, default_iters, run_folder, schedule_opts  # noqa: E402
+from . import setups as lab
+from .runs import setup_logging
 
 METRIC = "AP"
 
 
-def full_row(method: str):
-    """The ablation row with the full method: ('full TAR', config, opts)."""
-    rows = SETUPS[method][0]
-    name = f"full {method.upper()}"
-    for row in rows:
-        if row[0] == name:
-            return row
-    raise KeyError(f"benchmarks/ablation.py has no {name!r} row for --method {method}")
+def _parse_teacher_weights(p: argparse.ArgumentParser, values: List[str], chosen, found) -> Dict[str, str]:
+    """METHOD=PATH or CONFIG=PATH (PATH alone with a single config) -> {config stem: path}."""
+    def matching(name, setups):
+        return [s.key for s in setups if name.lower() in (s.key, s.method.lower())]
 
-
-def _parse_teacher_weights(p: argparse.ArgumentParser, values: List[str], methods: List[str]) -> Dict[str, str]:
     out: Dict[str, str] = {}
     for v in values:
-        method, sep, path = v.partition("=")
-        if not sep or method not in SETUPS:  # a bare PATH (which may itself contain '=')
-            if len(methods) != 1:
-                p.error(f"--teacher-weights {v!r}: with several methods write METHOD=PATH (e.g. tar=teacher.pth)")
-            method, path = methods[0], v
-        if method not in methods:
-            p.error(f"--teacher-weights {v!r}: method {method!r} is not in --methods {' '.join(methods)}")
-        if method in out:
-            p.error(f"--teacher-weights: two paths for {method}")
-        if "://" not in path and not os.path.isfile(path):
-            p.error(f"--teacher-weights {v!r}: no such file {path!r}")
-        out[method] = path
+        name, sep, path = v.partition("=")
+        keys = matching(name, chosen) if sep else []
+        if not keys:
+            if sep and matching(name, [s for ss in found.values() for s in ss]):
+                p.error(f"--teacher-weights {v!r}: {name!r} is not in --methods")
+            if len(chosen) != 1:  # a bare PATH (which may itself contain '=')
+                p.error(f"--teacher-weights {v!r}: with several configs write METHOD=PATH or CONFIG=PATH "
+                        "(e.g. tar=teacher.pth)")
+            keys, path = [chosen[0].key], v
+        lab.check_file(p, f"--teacher-weights {v!r}", path)
+        for k in keys:
+            if k in out:
+                p.error(f"--teacher-weights: two paths for {k}")
+            out[k] = path
     return out
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=["tar", "tbd"], metavar="METHOD",
-                   help=f"methods to compare, any of {', '.join(sorted(SETUPS))} (default: tar tbd)")
+    found = lab.discover_setups()
+    p.add_argument("--methods", nargs="+", type=str.lower, default=sorted(found), metavar="METHOD",
+                   help=f"methods to compare, any of {', '.join(sorted(found))} (default: all)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
-                   help="training seeds (default 0 1 2); seed 0 runs are the ablation's")
+                   help="training seeds (default 0 1 2)")
     p.add_argument("--iters", type=int, default=None,
-                   help="student schedule (SOLVER.MAX_ITER); default: each student config's own")
-    p.add_argument("--runs", default="output/runs",
-                   help="folder of the runs, shared with ablation.py and demo.py (default output/runs)")
+                   help="student schedule (SOLVER.MAX_ITER); default: each plain student config's own")
+    p.add_argument("--runs", default="output/runs", help="folder of the runs, shared with the ablation and the demo")
     p.add_argument("--output", default="output/benchmarks/distill_gain.json", help="JSON written here")
     p.add_argument("--teacher-weights", action="append", default=[], metavar="[METHOD=]PATH",
-                   help="use this teacher checkpoint instead of training the ablation's teacher "
-                        "(METHOD=PATH, or PATH alone with a single method; repeatable). Runs with another "
-                        "teacher have other opts, so they replace the cached runs in the same folders")
-    p.add_argument("opts", nargs=argparse.REMAINDER,
-                   help="extra config opts for every student run, last (after -- when they follow a list option)")
+                   help="use this teacher checkpoint instead of the quickstart teacher (METHOD=PATH or "
+                        "CONFIG=PATH, e.g. pkd_retinanet=t.pth; PATH alone with a single config; repeatable)")
+    lab.add_opts_argument(p, "extra config opts for every student run and the teacher's evaluation")
     args = p.parse_args(argv)
-    if args.opts and args.opts[0] == "--":
-        args.opts = args.opts[1:]
-
-    unknown = [m for m in args.methods if m not in SETUPS]
+    lab.check_opts(p, args)
+    unknown = [m for m in args.methods if m not in found]
     if unknown:
-        p.error(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(SETUPS))}")
+        p.error(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(found))}")
     args.methods = list(dict.fromkeys(args.methods))
-    if not args.seeds:
-        p.error("--seeds: give at least one seed")
-    if len(set(args.seeds)) != len(args.seeds):
-        p.error(f"--seeds: repeated seed in {args.seeds}")
-    negative = [s for s in args.seeds if s < 0]
-    if negative:
-        p.error(f"--seeds must be >= 0 (detectron2 draws a random seed for a negative SEED), got {negative}")
-    check_iters(p, args.iters)
-    if args.opts and len(args.opts) % 2:
-        p.error(f"opts must be KEY VALUE pairs, got {args.opts}")
-    args.teacher_weights = _parse_teacher_weights(p, args.teacher_weights, args.methods)
+    args.setups = [s for m in args.methods for s in found[m]]
+    lab.check_seeds(p, args.seeds)
+    lab.check_positive(p, "--iters", args.iters)
+    args.teacher_weights = _parse_teacher_weights(p, args.teacher_weights, args.setups, found)
     return args
 
 
-def _mean_std(values: List[float]):
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if len(vals) != len(values) or not vals:
-        return float("nan"), float("nan")
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+def gap_closed(distilled: float, plain: float, teacher: float) -> float:
+    """(distilled − plain) / (teacher − plain) in %; NaN when the teacher is not above the plain student."""
+    gap = teacher - plain
+    return 100.0 * (distilled - plain) / gap if gap > 0 else float("nan")
 
 
-def _run_record(rec: Dict, folder: str) -> Dict:
-    return {
-        "run": folder,
-        "command": rec.get("command"),
-        "train_seconds": rec.get("train_seconds"),
-        METRIC: rec.get("metrics", {}).get(METRIC, float("nan")),
-        "metrics": rec.get("metrics", {}),
-    }
-
-
-def run_method(method: str, args, teacher: str) -> Dict:
-    from d2_distill.engine.runs import train_and_evaluate
-
-    rows = SETUPS[method][0]
-    plain_name, plain_cfg, plain_opts = rows[0]
-    full_name, full_cfg, full_opts = full_row(method)
-    iters = args.iters or default_iters(method)
+def compare(setup, args, teacher: str) -> Dict:
+    iters = args.iters or lab.default_iters(setup)
+    t_ap = lab.evaluate_teacher(setup, teacher, args.opts).get(METRIC, float("nan"))
     per_seed = []
     for seed in args.seeds:
-        where = SimpleNamespace(output=args.runs, method=method, iters=iters, seed=seed)
-        common = schedule_opts(iters, seed) + list(args.opts or [])
-        # exactly the ablation's opts (common + row + teacher), so the runs are shared
-        plain_dir = run_folder(where, plain_name)
-        plain = train_and_evaluate(plain_cfg, common + plain_opts, plain_dir)
-        full_dir = run_folder(where, full_name)
-        full = train_and_evaluate(full_cfg, common + full_opts + ["DISTILL.TEACHER.WEIGHTS", teacher], full_dir)
-        p, d = _run_record(plain, plain_dir), _run_record(full, full_dir)
-        per_seed.append({"seed": seed, "plain": p, "distilled": d, "diff": d[METRIC] - p[METRIC]})
-
-    plain_ap = [s["plain"][METRIC] for s in per_seed]
-    dist_ap = [s["distilled"][METRIC] for s in per_seed]
-    diffs = [s["diff"] for s in per_seed]
-    (pm, ps), (dm, ds), (fm, fs) = _mean_std(plain_ap), _mean_std(dist_ap), _mean_std(diffs)
+        plain = lab.train_row(lab.plain_row(setup), args.runs, iters, seed, teacher, args.opts)
+        full = lab.train_row(lab.full_row(setup), args.runs, iters, seed, teacher, args.opts)
+        p, d = (rec["metrics"].get(METRIC, float("nan")) for rec in (plain, full))
+        per_seed.append({
+            "seed": seed, "plain": p, "distilled": d, "diff": d - p, "gap_closed_pct": gap_closed(d, p, t_ap),
+            "plain_run": plain["run"], "distilled_run": full["run"],
+            "plain_command": plain["command"], "distilled_command": full["command"],
+        })
+    (pm, ps), (dm, ds), (fm, fs) = (lab.mean_sd([s[k] for s in per_seed]) for k in ("plain", "distilled", "diff"))
     return {
-        "plain_row": plain_name,
-        "distilled_row": full_name,
-        "teacher_weights": teacher,
-        "iters": iters,
-        "seeds": list(args.seeds),
-        "plain_AP": plain_ap,
-        "distilled_AP": dist_ap,
-        "diff": diffs,
-        "plain_mean": pm, "plain_std": ps,
-        "distilled_mean": dm, "distilled_std": ds,
-        "diff_mean": fm, "diff_std": fs,
-        "distilled_better_every_seed": all(x > 0 for x in diffs),  # NaN compares False
+        "method": setup.method, "config": setup.config, "teacher_config": setup.teacher_config,
+        "teacher_weights": teacher, "teacher_AP": t_ap, "iters": iters, "seeds": list(args.seeds),
+        "plain_mean": pm, "plain_sd": ps, "distilled_mean": dm, "distilled_sd": ds, "diff_mean": fm, "diff_sd": fs,
+        "gap_closed_pct": gap_closed(dm, pm, t_ap),
+        "distilled_better_every_seed": all(s["diff"] > 0 for s in per_seed),  # NaN compares False
         "per_seed": per_seed,
     }
 
 
 def run(args) -> Dict:
-    from d2_distill.engine.runs import ensure_trained
-
-    missing = [c for m in args.methods for c in (SETUPS[m][0][0][1], full_row(m)[1]) if not os.path.isfile(c)]
-    if missing:
-        raise SystemExit(
-            f"{missing[0]} not found from {os.getcwd()}: run from the repository root ({ROOT}), "
-            "like benchmarks/ablation.py (the run cache keys on these relative paths)"
-        )
-    summary = {
-        "metric": METRIC,
-        "seeds": list(args.seeds),
-        "runs": args.runs,
-        "opts": list(args.opts or []),
-        "std": "sample standard deviation over seeds (n - 1); 0 for one seed",
-        "methods": {},
-    }
-    for m in args.methods:
-        teacher = args.teacher_weights.get(m) or ensure_trained(SETUPS[m][1])
-        summary["methods"][m] = run_method(m, args, teacher)
+    lab.check_repo_root()
+    summary = {"metric": METRIC, "seeds": list(args.seeds), "runs": args.runs, "opts": list(args.opts),
+               "sd": "sample standard deviation over seeds (n - 1); 0 for one seed",
+               "gap_closed": "(distilled - plain) / (teacher - plain), %", "configs": {}}
+    for s in args.setups:
+        teacher = lab.ensure_teacher(s, args.teacher_weights.get(s.key, ""))
+        summary["configs"][s.key] = compare(s, args, teacher)
     return summary
 
 
-def _fmt(v: Optional[float], signed: bool = False) -> str:
-    if v is None or math.isnan(v):
-        return "nan"
-    return f"{v:+.2f}" if signed else f"{v:.2f}"
-
-
 def markdown(summary: Dict) -> str:
+    f = lab.fmt
     lines = [
-        f"{summary['metric']} on the built-in dataset, seeds "
-        f"{' '.join(map(str, summary['seeds']))} (mean ± sample std)",
+        f"{summary['metric']} on the built-in validation split, seeds {' '.join(map(str, summary['seeds']))} "
+        "(mean ± sample sd); gap closed = (distilled − plain) / (teacher − plain)",
         "",
-        "| method | iterations | plain | distilled | distilled − plain per seed | mean gain | better on every seed |",
-        "|---|---|---|---|---|---|---|",
+        "| method | config | iterations | teacher | plain | distilled | distilled − plain | gap closed "
+        "| better on every seed | per seed: plain / distilled (gap closed) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for m, r in summary["methods"].items():
-        per = ", ".join(f"{_fmt(d, True)} (seed {s})" for s, d in zip(r["seeds"], r["diff"]))
+    for key, r in summary["configs"].items():
+        per = "; ".join(f"seed {s['seed']}: {f(s['plain'])} / {f(s['distilled'])} ({f(s['gap_closed_pct'], digits=0)} %)"
+                        for s in r["per_seed"])
         lines.append(
-            f"| {m.upper()} | {r['iters']} | {_fmt(r['plain_mean'])} ± {_fmt(r['plain_std'])} "
-            f"| {_fmt(r['distilled_mean'])} ± {_fmt(r['distilled_std'])} | {per} "
-            f"| {_fmt(r['diff_mean'], True)} ± {_fmt(r['diff_std'])} "
-            f"| {'yes' if r['distilled_better_every_seed'] else 'no'} |"
+            f"| {r['method']} | {key} | {r['iters']} | {f(r['teacher_AP'])} | {f(r['plain_mean'])} ± {f(r['plain_sd'])} "
+            f"| {f(r['distilled_mean'])} ± {f(r['distilled_sd'])} | {f(r['diff_mean'], True)} ± {f(r['diff_sd'])} "
+            f"| {f(r['gap_closed_pct'], digits=0)} % | {'yes' if r['distilled_better_every_seed'] else 'no'} | {per} |"
         )
     return "\n".join(lines)
 
 
-def _json_safe(x):
-    """NaN/inf -> None, so the file is strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def main(argv=None):
     args = parse_args(argv)
-    from d2_distill.engine.runs import setup_logging
-
     setup_logging()
     summary = run(args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(_json_safe(summary), f, indent=1)
+    lab.write_json(args.output, summary)
     print(markdown(summary))
     print(f"\nwritten {args.output}")
     return summary

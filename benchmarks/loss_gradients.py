@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """How hard does each loss pull? Gradient norm of every loss term, per student part.
 
-    python benchmarks/loss_gradients.py --config-file configs/quickstart/tar_faster_rcnn.yaml \\
-        --student-weights output/runs/tar/iters400_seed0/plain_student/model_final.pth
+    python -m benchmarks.loss_gradients --config-file configs/quickstart/tar_faster_rcnn.yaml \\
+            --student-weights output/runs/faster_rcnn_R18_FPN_student/iters400_seed0/plain_student/model_final.pth
 
 Builds the distiller of ``--config-file`` (teacher from DISTILL.TEACHER.WEIGHTS or
 ``--teacher-weights``), optionally initialises the student from a checkpoint,
@@ -17,14 +16,10 @@ Nothing is trained: the weights are the same after the run.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 from collections import defaultdict
 from typing import Dict, List
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from . import setups as lab
 
 
 def parse_args(argv=None):
@@ -35,18 +30,13 @@ def parse_args(argv=None):
     p.add_argument("--teacher-weights", default="", help="override DISTILL.TEACHER.WEIGHTS")
     p.add_argument("--batches", type=int, default=4, help="training batches to average over (default 4)")
     p.add_argument("--output", default="", help="also write the table as JSON here")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="extra config opts (KEY VALUE ...)")
+    lab.add_opts_argument(p, "extra config opts")
     args = p.parse_args(argv)
-    if args.opts and args.opts[0] == "--":
-        args.opts = args.opts[1:]
-    if len(args.opts) % 2:
-        p.error(f"opts must be KEY VALUE pairs, got {args.opts}")
-    if args.batches <= 0:
-        p.error(f"--batches must be positive, got {args.batches}")
+    lab.check_opts(p, args)
+    lab.check_positive(p, "--batches", args.batches)
     for flag, path in (("--config-file", args.config_file), ("--student-weights", args.student_weights),
                        ("--teacher-weights", args.teacher_weights)):
-        if path and not os.path.isfile(path):
-            p.error(f"{flag}: no such file {path!r}")
+        lab.check_file(p, flag, path)
     return args
 
 
@@ -55,8 +45,8 @@ def measure(args) -> Dict:
     from detectron2.data import build_detection_train_loader
     from detectron2.utils.events import EventStorage
 
-    from d2_distill.engine import setup_cfg
-    from d2_distill.engine.trainer import DistillTrainer
+    from d2_distill.engine import DistillTrainer, setup_cfg
+    from d2_distill.modeling import attach_teacher
 
     opts = list(args.opts) + (["DISTILL.TEACHER.WEIGHTS", args.teacher_weights] if args.teacher_weights else [])
     cfg = setup_cfg(args.config_file, opts)
@@ -66,7 +56,7 @@ def measure(args) -> Dict:
     from detectron2.utils.env import seed_all_rng
 
     seed_all_rng(cfg.SEED if cfg.SEED >= 0 else 0)  # same init and the same batches on every run
-    model = DistillTrainer.build_model(cfg)
+    model = attach_teacher(DistillTrainer.build_model(cfg), cfg)  # what DistillTrainer trains
     if args.student_weights:
         from detectron2.checkpoint import DetectionCheckpointer
 
@@ -104,9 +94,7 @@ def main(argv=None):
     result = measure(args)
     print(markdown(result))
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=1)
+        lab.write_json(args.output, result)
     return result
 
 

@@ -2,9 +2,9 @@
 ablation rows, schedules, run folders and command-line helpers.
 
 Methods are discovered, not listed. A *setup* is one distilled quickstart config:
-a ``configs/quickstart/*.yaml`` whose merged config has
-``MODEL.META_ARCHITECTURE: Distiller`` and a ``DISTILL.METHOD`` registered in
-``d2_distill.methods.DISTILL_METHOD_REGISTRY``. Its teacher is the config's own
+a ``configs/quickstart/*.yaml`` (not ``Base-*``) whose merged config has
+``MODEL.META_ARCHITECTURE: Distiller`` and a ``DISTILL.METHOD`` that names a
+method of ``d2_distill.methods.DISTILL_METHOD_REGISTRY`` (its ``name``). Its teacher is the config's own
 ``DISTILL.TEACHER.CONFIG_FILE``; its plain student (the same model trained
 without a teacher) comes from :data:`PLAIN_STUDENTS`, keyed by the student's
 meta-architecture. A new method with a quickstart config is picked up by every
@@ -90,15 +90,9 @@ class Setup:
 
     @property
     def method_cls(self):
-        from d2_distill.methods import DISTILL_METHOD_REGISTRY
+        from d2_distill.methods import method_class
 
-        return DISTILL_METHOD_REGISTRY.get(self.method)
-
-
-def registered_methods() -> List[str]:
-    from d2_distill.methods import DISTILL_METHOD_REGISTRY
-
-    return sorted(name for name, _ in DISTILL_METHOD_REGISTRY)
+        return method_class(self.method)
 
 
 def _rel(path: str) -> str:
@@ -106,24 +100,34 @@ def _rel(path: str) -> str:
     return os.path.relpath(full, ROOT) if os.path.isfile(full) else path
 
 
+def distilled_configs(folder: str = QS):
+    """[(repository-relative path, merged config)] of the configs in ``folder`` whose
+    MODEL.META_ARCHITECTURE is Distiller and whose DISTILL.METHOD is registered.
+    ``Base-*.yaml`` files are skipped: by detectron2's convention they are ``_BASE_``
+    parts of other configs, not configs to train."""
+    from d2_distill.engine import setup_cfg
+    from d2_distill.methods import method_names
+
+    registered, out = method_names(), []
+    for path in sorted(glob.glob(os.path.join(ROOT, folder, "*.yaml"))):
+        if os.path.basename(path).startswith("Base-"):
+            continue
+        cfg = setup_cfg(path)
+        if cfg.MODEL.META_ARCHITECTURE == "Distiller" and cfg.DISTILL.METHOD in registered:
+            out.append((os.path.relpath(path, ROOT), cfg))
+    return out
+
+
 def discover_setups(folder: str = QS) -> Dict[str, List[Setup]]:
     """{method name in lower case: [its setups, by config file name]} for the
-    distilled configs in ``folder`` (repository-relative) whose method is
-    registered and whose student meta-architecture has a plain student."""
-    from d2_distill.engine import setup_cfg
-    from d2_distill.methods import DISTILL_METHOD_REGISTRY
-
+    distilled configs in ``folder`` whose student meta-architecture has a plain
+    student in :data:`PLAIN_STUDENTS`."""
     out: Dict[str, List[Setup]] = {}
-    for path in sorted(glob.glob(os.path.join(ROOT, folder, "*.yaml"))):
-        cfg = setup_cfg(path)
-        if cfg.MODEL.META_ARCHITECTURE != "Distiller" or cfg.DISTILL.METHOD not in DISTILL_METHOD_REGISTRY:
-            continue
+    for path, cfg in distilled_configs(folder):
         arch = cfg.DISTILL.STUDENT_META_ARCHITECTURE
-        if arch not in PLAIN_STUDENTS:
-            continue  # no plain student to compare with: not a lab setup
-        setup = Setup(cfg.DISTILL.METHOD, os.path.relpath(path, ROOT), arch,
-                      _rel(cfg.DISTILL.TEACHER.CONFIG_FILE), PLAIN_STUDENTS[arch])
-        out.setdefault(setup.method.lower(), []).append(setup)
+        if arch in PLAIN_STUDENTS:  # otherwise there is no plain student to compare with
+            setup = Setup(cfg.DISTILL.METHOD, path, arch, _rel(cfg.DISTILL.TEACHER.CONFIG_FILE), PLAIN_STUDENTS[arch])
+            out.setdefault(setup.method.lower(), []).append(setup)
     return out
 
 

@@ -1,7 +1,6 @@
-"""benchmarks/step_cost.py and benchmarks/distill_gain.py: arguments, and one tiny
-run of each (quickstart R18/R34 pair, 128 px, random teacher, 1-2 iterations).
-No timing bound is asserted: the numbers depend on the machine's load."""
-import importlib.util
+"""The lab's scripts (python -m benchmarks.<name>): arguments, and one tiny run of
+each (quickstart pairs, 128 px, random teacher, 1-2 iterations). No timing bound
+is asserted: the numbers depend on the machine's load."""
 import json
 import math
 import os
@@ -9,15 +8,11 @@ import os
 import pytest
 import torch
 
+from benchmarks import ablation, demo, distill_gain, loss_gradients, setups, step_cost
 from d2_distill.engine import setup_cfg
 from helpers import ROOT, SMALL, cfg_for, fake_batch
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+TINY = [*SMALL, "SOLVER.STEPS", "()", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
 
 
 def _assert_usage_error(parse_args, argv, message, capsys):
@@ -28,20 +23,13 @@ def _assert_usage_error(parse_args, argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def step_cost():
-    return _load("step_cost")
-
-
-@pytest.fixture(scope="module")
-def distill_gain():
-    return _load("distill_gain")
-
-
 # ---- step_cost: arguments --------------------------------------------------------
-def test_step_cost_defaults(step_cost):
+def test_step_cost_defaults():
     a = step_cost.parse_args([])
-    assert a.pairs == ["tar_quickstart", "tbd_quickstart", "tar_coco", "tbd_coco"]
+    pairs = list(a.pairs)
+    # every distilled config with a registered method, found not listed; Base-* files are not configs
+    assert {"tar_faster_rcnn", "tbd_retinanet", "tar_faster_rcnn_R50_from_R101", "tbd_retinanet_R50_from_R101"} <= set(pairs)
+    assert {a.pairs[x][1] for x in pairs} == {"quickstart", "coco"} and not any(x.startswith("Base-") for x in pairs)
     assert (a.iters, a.warmup, a.batch, a.memory_iters) == (10, 2, 2, 1)
     assert (a.quickstart_size, a.coco_size) == (192, 320)
     assert a.device == step_cost.default_device()
@@ -49,11 +37,10 @@ def test_step_cost_defaults(step_cost):
     assert a.dataset == "shapes_val" and a.opts == [] and a.lr == 0.0
 
 
-def test_step_cost_pairs_and_opts(step_cost):
-    a = step_cost.parse_args(
-        ["--pairs", "tbd_coco", "tar_quickstart", "tbd_coco", "--", "DISTILL.TAR.PROPOSALS", "both"]
-    )
-    assert a.pairs == ["tbd_coco", "tar_quickstart"]
+def test_step_cost_pairs_and_opts():
+    a = step_cost.parse_args(["--pairs", "tbd_retinanet_R50_from_R101", "tar_faster_rcnn",
+                              "tbd_retinanet_R50_from_R101", "--", "DISTILL.TAR.PROPOSALS", "both"])
+    assert list(a.pairs) == ["tbd_retinanet_R50_from_R101", "tar_faster_rcnn"]
     assert a.opts == ["DISTILL.TAR.PROPOSALS", "both"]
     a = step_cost.parse_args(["--iters", "3", "DISTILL.ADAPTER", "conv3x3"])
     assert a.iters == 3 and a.opts == ["DISTILL.ADAPTER", "conv3x3"]
@@ -76,22 +63,21 @@ def test_step_cost_pairs_and_opts(step_cost):
         (["DISTILL.ADAPTER"], "KEY VALUE"),
     ],
 )
-def test_step_cost_bad_args(step_cost, capsys, argv, message):
+def test_step_cost_bad_args(capsys, argv, message):
     _assert_usage_error(step_cost.parse_args, argv, message, capsys)
 
 
-def test_step_cost_pair_configs_build_nothing(step_cost):
+def test_step_cost_pair_configs_build_nothing():
     """Every pair's configs resolve (the COCO teachers from the model zoo) without building a model."""
-    expected = {"tar_quickstart": "TAR", "tbd_quickstart": "TBD", "tar_coco": "TAR", "tbd_coco": "TBD"}
-    for name, method in expected.items():
-        cfg, tcfg = step_cost.pair_configs(name, "cpu")
-        assert cfg.DISTILL.METHOD == method and cfg.MODEL.META_ARCHITECTURE == "Distiller"
-        assert tcfg.MODEL.META_ARCHITECTURE == ("GeneralizedRCNN" if method == "TAR" else "RetinaNet")
-    _, tcfg = step_cost.pair_configs("tar_coco", "cpu")
+    for name, (config, _) in step_cost.discover_pairs().items():
+        cfg, tcfg = step_cost.pair_configs(config, "cpu")
+        assert cfg.MODEL.META_ARCHITECTURE == "Distiller", name
+        assert tcfg.MODEL.META_ARCHITECTURE == cfg.DISTILL.STUDENT_META_ARCHITECTURE, name
+    _, tcfg = step_cost.pair_configs("configs/COCO/tar_faster_rcnn_R50_from_R101.yaml", "cpu")
     assert tcfg.MODEL.RESNETS.DEPTH == 101
 
 
-def test_calibrate_frozen_bn(step_cost):
+def test_calibrate_frozen_bn():
     """A random FrozenBN backbone (identity statistics, as the model-zoo configs build it)
     gets normalised activations; GroupNorm models are left alone."""
     from detectron2.modeling import build_model
@@ -114,49 +100,61 @@ def test_calibrate_frozen_bn(step_cost):
 
 
 # ---- step_cost: a tiny run -------------------------------------------------------
-def test_step_cost_tiny_run(step_cost, tmp_path, capsys):
+@pytest.mark.parametrize("pair", ["tar_faster_rcnn", "tbd_retinanet"])
+def test_step_cost_tiny_run(tmp_path, capsys, pair):
+    """The same generic phases for a two-stage and a one-stage method."""
     out = tmp_path / "step_cost.json"
     step_cost.main([
-        "--pairs", "tar_quickstart", "--quickstart-size", "128", "--batch", "1", "--iters", "2",
+        "--pairs", pair, "--quickstart-size", "128", "--batch", "1", "--iters", "2",
         "--warmup", "1", "--device", "cpu", "--threads", "1", "--dataset", "shapes_mini_val",
         "--output", str(out),
     ])
     summary = json.loads(out.read_text())
     assert summary["device"] == "cpu" and summary["memory_measure"].startswith("cpu: peak RSS growth")
-    r = summary["pairs"]["tar_quickstart"]
-    assert r["input_size"] == 128 and r["batch"] == 1 and r["method"] == "TAR"
+    r = summary["pairs"][pair]
+    assert r["input_size"] == 128 and r["batch"] == 1 and r["method"] == pair[:3].upper()
     assert r["frozen_bn_layers_calibrated"] == {"student": 0, "teacher": 0}  # GroupNorm quickstart models
     for key in ("a_student_step_s", "b_teacher_forward_s", "c_distill_step_s", "ratio_c_over_a_plus_b"):
         assert r[key] > 0, key
-    assert 0 < r["distill_share_of_c"] < 1
+    assert 0 < r["method_share_of_c"] < 1 and 0 < r["method_forward_in_c_s"] < r["c_distill_step_s"]
+    assert 0 < r["teacher_backbone_in_c_s"] < r["c_distill_step_s"]
     assert all(len(r["times_s"][k]) == 2 for k in "abc")
-    assert r["teacher_rois_per_image"] and r["teacher_rois_per_image"][0] > 0  # the box head ran on RoIs
     for k in "abc":
         assert r["memory"][k]["peak_mb"] > 0 and r["memory"][k]["peak_growth_mb"] >= 0
     assert r["ratio_c_over_a_plus_b"] == pytest.approx(
         r["c_distill_step_s"] / (r["a_student_step_s"] + r["b_teacher_forward_s"])
     )
     printed = capsys.readouterr().out
-    assert "| tar_quickstart | 128 |" in printed and f"{r['ratio_c_over_a_plus_b']:.2f}" in printed
+    assert f"| {pair} | 128 |" in printed and f"{r['ratio_c_over_a_plus_b']:.2f}" in printed
     assert "c/(a+b)" in printed
 
 
 # ---- distill_gain: arguments -----------------------------------------------------
-def test_distill_gain_defaults(distill_gain):
+def test_distill_gain_defaults():
     a = distill_gain.parse_args([])
-    assert a.methods == ["tar", "tbd"] and a.seeds == [0, 1, 2] and a.iters is None  # each student config's own
+    # every method with a quickstart config, discovered
+    assert a.methods == sorted(setups.discover_setups()) and {"tar", "tbd"} <= set(a.methods)
+    assert a.seeds == [0, 1, 2] and a.iters is None  # each student config's own
     assert a.runs == "output/runs" and a.output == "output/benchmarks/distill_gain.json"
     assert a.teacher_weights == {} and a.opts == []
-    assert distill_gain.full_row("tar")[0] == "full TAR" and distill_gain.full_row("tbd")[0] == "full TBD"
 
 
-def test_distill_gain_teacher_weights(distill_gain, tmp_path):
+def test_distill_gain_teacher_weights(tmp_path):
     w = tmp_path / "t.pth"
     w.write_bytes(b"x")
-    a = distill_gain.parse_args(["--methods", "tar", "--teacher-weights", str(w)])
-    assert a.teacher_weights == {"tar": str(w)}
-    a = distill_gain.parse_args(["--teacher-weights", f"tbd={w}", "--iters", "2", "SOLVER.STEPS", "()"])
-    assert a.teacher_weights == {"tbd": str(w)} and a.opts == ["SOLVER.STEPS", "()"]
+    a = distill_gain.parse_args(["--methods", "TAR", "--teacher-weights", str(w)])
+    assert a.methods == ["tar"] and a.teacher_weights == {"tar_faster_rcnn": str(w)}
+    a = distill_gain.parse_args(["--methods", "tar", "tbd", "--teacher-weights", f"tbd={w}", "--iters", "2",
+                                 "SOLVER.STEPS", "()"])
+    assert a.teacher_weights == {"tbd_retinanet": str(w)} and a.opts == ["SOLVER.STEPS", "()"]
+    a = distill_gain.parse_args(["--methods", "tar", "tbd", "--teacher-weights", f"tar_faster_rcnn={w}"])
+    assert a.teacher_weights == {"tar_faster_rcnn": str(w)}
+
+
+def test_gap_closed():
+    assert distill_gain.gap_closed(20.0, 10.0, 30.0) == pytest.approx(50.0)
+    assert distill_gain.gap_closed(8.0, 10.0, 30.0) == pytest.approx(-10.0)
+    assert math.isnan(distill_gain.gap_closed(12.0, 10.0, 10.0))  # no gap to close
 
 
 @pytest.mark.parametrize(
@@ -170,12 +168,12 @@ def test_distill_gain_teacher_weights(distill_gain, tmp_path):
         (["--methods"], "expected at least one"),
         (["--methods", "tar", "--teacher-weights", "/no/such/teacher.pth"], "no such file"),
         (["--teacher-weights", "tar=/no/such/teacher.pth"], "no such file"),
-        (["--teacher-weights", "__FILE__"], "METHOD=PATH"),
+        (["--methods", "tar", "tbd", "--teacher-weights", "__FILE__"], "METHOD=PATH"),
         (["--methods", "tar", "--teacher-weights", "tbd=__FILE__"], "not in --methods"),
         (["SOLVER.MAX_ITER"], "KEY VALUE"),
     ],
 )
-def test_distill_gain_bad_args(distill_gain, capsys, tmp_path, argv, message):
+def test_distill_gain_bad_args(capsys, tmp_path, argv, message):
     w = tmp_path / "t.pth"
     w.write_bytes(b"x")
     argv = [x.replace("__FILE__", str(w)) for x in argv]
@@ -183,67 +181,63 @@ def test_distill_gain_bad_args(distill_gain, capsys, tmp_path, argv, message):
 
 
 # ---- distill_gain: a tiny run ----------------------------------------------------
-def test_distill_gain_tiny_run(distill_gain, tmp_path, capsys, monkeypatch, request, frcnn_teacher_weights):
-    monkeypatch.chdir(ROOT)  # the run cache keys on repository-relative config paths, like ablation.py
+def test_distill_gain_tiny_run(tmp_path, capsys, monkeypatch, request, frcnn_teacher_weights):
+    monkeypatch.chdir(ROOT)  # the run cache keys on repository-relative config paths
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the test machines' 2 cores are shared with other jobs
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     out, runs = tmp_path / "gain.json", tmp_path / "runs"
     argv = [
-        "--methods", "tar", "--seeds", "0", "--iters", "2", "--runs", str(runs), "--output", str(out),
-        "--teacher-weights", f"tar={frcnn_teacher_weights}",
-        *SMALL, "SOLVER.STEPS", "()", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+        "--methods", "tar", "--seeds", "0", "1", "--iters", "1", "--runs", str(runs), "--output", str(out),
+        "--teacher-weights", f"tar={frcnn_teacher_weights}", *TINY,
     ]
     distill_gain.main(argv)
     summary = json.loads(out.read_text())
-    r = summary["methods"]["tar"]
-    assert summary["seeds"] == [0] and r["iters"] == 2 and r["teacher_weights"] == frcnn_teacher_weights
-    assert len(r["plain_AP"]) == len(r["distilled_AP"]) == len(r["diff"]) == 1
-    plain, dist = r["plain_AP"][0], r["distilled_AP"][0]
-    assert isinstance(plain, float) and isinstance(dist, float)
-    assert r["diff"][0] == pytest.approx(dist - plain)
-    assert r["distilled_better_every_seed"] == (dist > plain)
-    assert r["plain_std"] == 0.0 and r["distilled_std"] == 0.0
-    # the ablation's run folders, with the distilled run on the given teacher
+    r = summary["configs"]["tar_faster_rcnn"]
+    assert summary["seeds"] == [0, 1] and r["iters"] == 1 and r["teacher_weights"] == frcnn_teacher_weights
+    assert r["method"] == "TAR" and isinstance(r["teacher_AP"], float)
+    assert [s["seed"] for s in r["per_seed"]] == [0, 1]
+    for s in r["per_seed"]:
+        assert s["diff"] == pytest.approx(s["distilled"] - s["plain"])
+        assert frcnn_teacher_weights in s["distilled_command"]
+        assert "DISTILL.TEACHER.WEIGHTS" not in s["plain_command"]
+    plain = [s["plain"] for s in r["per_seed"]]
+    assert r["plain_mean"] == pytest.approx(sum(plain) / 2)
+    assert r["plain_sd"] == pytest.approx(abs(plain[0] - plain[1]) / 2 ** 0.5)  # sample sd of two values
+    assert r["distilled_better_every_seed"] == all(s["diff"] > 0 for s in r["per_seed"])
+    # the plain student's runs are shared by every method with that student; the distilled ones by config
     seed0 = r["per_seed"][0]
-    assert seed0["plain"]["run"] == os.path.join(str(runs), "tar", "iters2_seed0", "plain_student")
-    assert seed0["distilled"]["run"] == os.path.join(str(runs), "tar", "iters2_seed0", "full_TAR")
-    assert frcnn_teacher_weights in seed0["distilled"]["command"]
-    assert "DISTILL.TEACHER.WEIGHTS" not in seed0["plain"]["command"]
+    assert seed0["plain_run"] == os.path.join(str(runs), "faster_rcnn_R18_FPN_student", "iters1_seed0", "plain_student")
+    assert seed0["distilled_run"] == os.path.join(str(runs), "tar_faster_rcnn", "iters1_seed0", "full_TAR")
     printed = capsys.readouterr().out
-    assert "| TAR | 2 |" in printed and "(seed 0)" in printed
+    assert "| TAR | tar_faster_rcnn | 1 |" in printed and "seed 1:" in printed and "gap closed" in printed
 
     # cached: a second call trains nothing and reports the same numbers
-    results = [os.path.join(seed0[k]["run"], "results.json") for k in ("plain", "distilled")]
+    results = [os.path.join(s[k], "results.json") for s in r["per_seed"] for k in ("plain_run", "distilled_run")]
     mtimes = [os.path.getmtime(p) for p in results]
     again = distill_gain.main(argv)
     assert [os.path.getmtime(p) for p in results] == mtimes
-    assert again["methods"]["tar"]["diff"][0] == pytest.approx(r["diff"][0])
-    assert not math.isnan(again["methods"]["tar"]["plain_mean"])
+    assert again["configs"]["tar_faster_rcnn"]["diff_mean"] == pytest.approx(r["diff_mean"], nan_ok=True)
 
 
-# ---- demo.py and ablation.py -----------------------------------------------------
-@pytest.fixture(scope="module")
-def demo():
-    spec = importlib.util.spec_from_file_location("_demo", os.path.join(ROOT, "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def ablation():
-    return _load("ablation")
-
-
-def test_default_schedule_is_the_student_configs(demo, ablation):
+# ---- demo and ablation -----------------------------------------------------------
+def test_default_schedule_is_the_student_configs():
     """--iters defaults to the plain student config's SOLVER.MAX_ITER, so the configs
     are the one place the quickstart schedule is set."""
-    for method in ("tar", "tbd"):
-        iters = setup_cfg(os.path.join(ROOT, ablation.SETUPS[method][0][0][1])).SOLVER.MAX_ITER
+    for method, found in setups.discover_setups().items():
+        iters = setup_cfg(os.path.join(ROOT, found[0].plain_config)).SOLVER.MAX_ITER
         assert demo.parse_args(["--method", method]).iters == iters
         assert ablation.parse_args(["--method", method]).iters == iters
     assert demo.parse_args(["--iters", "7"]).iters == 7
+
+
+def test_demo_accepts_any_discovered_method_in_any_case():
+    for method, found in setups.discover_setups().items():
+        a = demo.parse_args(["--method", method.upper()])
+        assert a.method == method and a.setup == found[0]
+        last = found[-1]
+        assert demo.parse_args(["--method", method, "--config", last.key]).setup == last
+        assert demo.parse_args(["--method", method, "--config", last.config]).setup == last
 
 
 @pytest.mark.parametrize(
@@ -251,47 +245,108 @@ def test_default_schedule_is_the_student_configs(demo, ablation):
     [
         (["--iters", "0"], "--iters must be positive"),
         (["--method", "fgd"], "invalid choice"),
+        (["--config", "tbd_retinanet"], "not a config of tar"),
         (["--teacher-weights", "/no/such/teacher.pth"], "no such file"),
         (["--timing-images", "0"], "--timing-images must be positive"),
         (["SOLVER.MAX_ITER"], "KEY VALUE"),
     ],
 )
-def test_demo_bad_args(demo, capsys, argv, message):
+def test_demo_bad_args(capsys, argv, message):
     _assert_usage_error(demo.parse_args, argv, message, capsys)
 
 
-def test_demo_tiny_run(demo, tmp_path, capsys, monkeypatch, frcnn_teacher_weights):
+def test_detection_loss_excludes_the_methods_declared_losses():
+    history = {"loss_cls": [[0, 1.0], [1, 0.5]], "loss_box_reg": [[0, 2.0], [1, 1.0]],
+               "loss_pkd": [[0, 9.0], [1, 9.0]], "total_loss": [[0, 20.0], [1, 20.0]]}
+    assert demo.detection_loss(history, ("loss_pkd",)) == [(0, 3.0), (1, 1.5)]
+    assert demo.detection_loss(history) == [(0, 12.0), (1, 10.5)]
+
+
+def test_demo_tiny_run(tmp_path, capsys, monkeypatch, frcnn_teacher_weights):
     """The user's path: plain and TAR students on one schedule, the table, the figure."""
     monkeypatch.chdir(ROOT)
     out = tmp_path / "runs"
     result = demo.main([
         "--iters", "2", "--output", str(out), "--teacher-weights", frcnn_teacher_weights, "--timing-images", "2",
-        *SMALL, "SOLVER.STEPS", "()", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+        *TINY,
     ])
     rows = {r["model"]: r for r in result["rows"]}
     assert list(rows) == ["teacher", "plain student", "TAR student"]
     for r in rows.values():
-        assert all(k in r for k in ("AP", "AP50", "AP75", "params_M", "GFLOPs", "ms_per_image"))
+        assert all(k in r for k in ("AP", "AP50", "AP75", "harmonious_ratio", "params_M", "GFLOPs", "ms_per_image"))
         assert r["params_M"] > 0 and r["GFLOPs"] > 0 and r["ms_per_image"] > 0
     # what is deployed is the student alone: same size with or without distillation, smaller than the teacher
     assert rows["TAR student"]["params_M"] == rows["plain student"]["params_M"] < rows["teacher"]["params_M"]
     assert rows["TAR student"]["GFLOPs"] == pytest.approx(rows["plain student"]["GFLOPs"])
     with open(result["figure"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    saved = json.loads((out / "demo_tar.json").read_text())
+    saved = json.loads((out / "demo_tar_faster_rcnn.json").read_text())
     assert [r["model"] for r in saved["rows"]] == list(rows) and saved["iters"] == 2
     printed = capsys.readouterr().out
     assert "| TAR student |" in printed and "[demo] 4/4" in printed
-    for name in ("plain_student", "full_TAR"):
-        assert os.path.isfile(out / "tar" / "iters2_seed0" / name / "model_final.pth")
+    assert os.path.isfile(out / "faster_rcnn_R18_FPN_student" / "iters2_seed0" / "plain_student" / "model_final.pth")
+    assert os.path.isfile(out / "tar_faster_rcnn" / "iters2_seed0" / "full_TAR" / "model_final.pth")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "--method"),
+        (["--method", "tar", "--seeds", "0", "0"], "repeated seed"),
+        (["--method", "tar", "--seeds", "-1"], "--seeds must be >= 0"),
+        (["--method", "tar", "--iters", "0"], "--iters must be positive"),
+        (["--method", "tar", "--config", "nope"], "not a config of tar"),
+        (["--method", "tar", "SOLVER.MAX_ITER"], "KEY VALUE"),
+    ],
+)
+def test_ablation_bad_args(capsys, argv, message):
+    _assert_usage_error(ablation.parse_args, argv, message, capsys)
+
+
+def test_ablation_rows_resolve_without_training(monkeypatch, frcnn_teacher_weights):
+    """A row restating a default shares the full row's runs; a row naming an option the
+    config lacks is skipped with a note; --baselines adds the other methods' full rows."""
+    monkeypatch.setitem(setups.EXTRA_ROWS, "TAR", [
+        ("linear decay", ["DISTILL.SCHEDULE.KIND", "linear"]),  # TAR's default for KIND ""
+        ("no such option", ["DISTILL.TAR.NO_SUCH_OPTION", "1"]),
+        ("no decay", ["DISTILL.SCHEDULE.KIND", "constant"]),
+    ])
+    args = ablation.parse_args(["--method", "tar", "--baselines", "--iters", "1", "--seeds", "0", "1", "--", *TINY])
+    rows = ablation.plan(args)
+    names = [r.name for r in rows]
+    assert names[:5] == ["plain student", "+ feature", "+ classification", "+ regression", "full TAR"]
+    assert "full FEATURE" in names and "full TBD" not in names  # baselines: same student architecture
+    entries = {e["row"]: e for e in ablation.resolve(rows, args, frcnn_teacher_weights)}
+    assert entries["full TAR, linear decay"]["same_as"] == "full TAR"
+    assert "NO_SUCH_OPTION" in entries["full TAR, no such option"]["skipped"]
+    assert "row_obj" in entries["full TAR, no decay"] and "row_obj" in entries["+ feature"]
+
+
+def test_ablation_tiny_run(tmp_path, capsys, monkeypatch, retina_teacher_weights):
+    """Two seeds per row, mean ± sd per row, the teacher evaluated; TBD on RetinaNet."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "runs"
+    summary = ablation.main([
+        "--method", "tbd", "--iters", "1", "--seeds", "0", "1", "--output", str(out),
+        "--teacher-weights", retina_teacher_weights, "--rows", "plain student", "+ HD",
+        "--", *TINY, "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
+    ])
+    rows = {r["row"]: r for r in summary["rows"]}
+    assert list(rows) == ["plain student", "+ HD", "teacher"]
+    for name in ("plain student", "+ HD"):
+        r = rows[name]
+        assert [s["seed"] for s in r["per_seed"]] == [0, 1]
+        aps = [s["AP"] for s in r["per_seed"]]
+        assert r["AP"] == pytest.approx(sum(aps) / 2) and r["AP_sd"] == pytest.approx(abs(aps[0] - aps[1]) / 2 ** 0.5)
+        assert "harmonious_ratio" in r
+    assert "DISTILL.TBD.TFD_WEIGHT 0.0" in rows["+ HD"]["per_seed"][0]["command"]
+    assert "AP" in rows["teacher"]
+    assert json.loads((out / "ablation_tbd_retinanet.json").read_text())["seeds"] == [0, 1]
+    printed = capsys.readouterr().out
+    assert "| + HD |" in printed and "mean ± sample sd" in printed
 
 
 # ---- loss_gradients.py -----------------------------------------------------------
-@pytest.fixture(scope="module")
-def loss_gradients():
-    return _load("loss_gradients")
-
-
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -302,12 +357,12 @@ def loss_gradients():
         (["--config-file", "__CFG__", "SOLVER.MAX_ITER"], "KEY VALUE"),
     ],
 )
-def test_loss_gradients_bad_args(loss_gradients, capsys, argv, message):
+def test_loss_gradients_bad_args(capsys, argv, message):
     cfg = os.path.join(ROOT, "configs", "quickstart", "tar_faster_rcnn.yaml")
     _assert_usage_error(loss_gradients.parse_args, [a.replace("__CFG__", cfg) for a in argv], message, capsys)
 
 
-def test_loss_gradients_tiny_run(loss_gradients, tmp_path, capsys, frcnn_teacher_weights):
+def test_loss_gradients_tiny_run(tmp_path, capsys, frcnn_teacher_weights):
     cfg = os.path.join(ROOT, "configs", "quickstart", "tar_faster_rcnn.yaml")
     out = tmp_path / "grads.json"
     result = loss_gradients.main([
@@ -327,7 +382,7 @@ def test_loss_gradients_tiny_run(loss_gradients, tmp_path, capsys, frcnn_teacher
     assert "| loss_tar_feat |" in capsys.readouterr().out
 
 
-def test_loss_gradients_needs_a_distiller(loss_gradients):
+def test_loss_gradients_needs_a_distiller():
     with pytest.raises(SystemExit, match="needs a distiller config"):
         loss_gradients.main(["--config-file", os.path.join(ROOT, "configs", "quickstart",
                                                            "faster_rcnn_R18_FPN_student.yaml"), *SMALL])

@@ -1,18 +1,18 @@
-"""d2_distill.engine.runs: the run cache the demo and the benchmarks share.
+"""benchmarks.runs: the run cache the demo and the benchmarks share.
 
 A cached run or teacher is reused only when it was made with the same merged
-config and (for a distiller) the same teacher checkpoint bytes; a stale one is
-moved aside, never overwritten or reused."""
+config and (for a distiller) the same teacher checkpoint bytes and d2_distill
+sources; a stale one is moved aside, never overwritten or reused."""
 import json
 import logging
 import os
 import shutil
 
-import pytest
 import torch
 
 from d2_distill.engine import setup_cfg
-from d2_distill.engine.runs import ensure_trained, fingerprint, train_and_evaluate
+from benchmarks import runs
+from benchmarks.runs import ensure_trained, fingerprint, train_and_evaluate
 from helpers import SMALL, qs
 
 STUDENT = qs("faster_rcnn_R18_FPN_student.yaml")
@@ -98,7 +98,7 @@ def test_ensure_trained_without_a_record_reuses_with_a_warning(tmp_path, caplog,
     out = tmp_path / "teacher"
     out.mkdir()
     (out / "model_final.pth").write_bytes(b"not checked")
-    with caplog.at_level("WARNING", logger="d2_distill.runs"):
+    with caplog.at_level("WARNING", logger=runs.logger.name):
         path = ensure_trained(STUDENT, ONE_ITER + ["OUTPUT_DIR", str(out)])
     assert path == str(out / "model_final.pth")
     assert "no results.json or config.yaml" in caplog.text
@@ -106,14 +106,39 @@ def test_ensure_trained_without_a_record_reuses_with_a_warning(tmp_path, caplog,
 
 def test_fingerprint_of_distilled_runs_follows_the_code(monkeypatch, frcnn_teacher_weights):
     """Changed distillation code redoes distilled runs; plain detectron2 runs are unaffected."""
-    from d2_distill.engine import runs
-
     tar_cfg = setup_cfg(TAR, ONE_ITER + ["DISTILL.TEACHER.WEIGHTS", frcnn_teacher_weights])
     plain_cfg = setup_cfg(STUDENT, ONE_ITER)
     before = fingerprint(tar_cfg), fingerprint(plain_cfg)
-    monkeypatch.setattr(runs, "_source_digest", lambda: "edited sources")
+    monkeypatch.setattr(runs, "source_digest", lambda: "edited sources")
     assert fingerprint(tar_cfg) != before[0]
     assert fingerprint(plain_cfg) == before[1]
+
+
+def test_source_digest_walks_the_whole_package(tmp_path):
+    """Every .py file under the package is hashed, found by walking it: a module in a
+    new sub-package changes the digest without anyone listing the folder."""
+    import d2_distill
+
+    pkg = os.path.dirname(d2_distill.__file__)
+    found = {os.path.relpath(p, pkg) for p in runs.package_sources(pkg)}
+    on_disk = {os.path.relpath(os.path.join(d, f), pkg) for d, _, fs in os.walk(pkg) for f in fs
+               if f.endswith(".py") and "__pycache__" not in d}
+    assert found == on_disk
+    assert {"export.py", "engine/trainer.py", os.path.join("methods", "tar.py")} <= found
+
+    root = tmp_path / "pkg"
+    (root / "methods").mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    (root / "methods" / "tar.py").write_text("x = 1\n")
+    digest = runs.source_digest.__wrapped__  # uncached
+    before = digest(str(root))
+    (root / "brand_new").mkdir()
+    (root / "brand_new" / "pkd.py").write_text("y = 2\n")
+    assert digest(str(root)) != before
+    (root / "brand_new" / "notes.txt").write_text("not code")
+    after = digest(str(root))
+    (root / "brand_new" / "notes.txt").write_text("other text")
+    assert digest(str(root)) == after  # only .py files count
 
 
 def test_a_run_is_a_function_of_its_seed_not_of_the_process_history(tmp_path):
