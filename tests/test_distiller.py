@@ -61,7 +61,7 @@ def test_training_freezes_teacher_and_trains_adapters(frcnn_teacher_weights, tmp
     for k, v in teacher.model.state_dict().items():
         assert torch.equal(v, reference[k]), k
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
-    adapters = list(model.method.imitation.adapters.parameters())
+    adapters = list(model.method.features.adapters.parameters())
     assert adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
     hist = trainer.storage.history("loss_feat").values()
     assert len(hist) == 3 and all(torch.isfinite(torch.tensor(v)) for v, _ in hist)

@@ -1,4 +1,4 @@
-"""Tests of the harmony evaluator (DESIGN §4.3): d2_distill.evaluation.harmony."""
+"""Tests of the harmony evaluator: d2_distill.evaluation.harmony."""
 
 import math
 import os

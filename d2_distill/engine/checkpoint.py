@@ -22,7 +22,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from ..student import EXPORT_COMMAND, is_distiller_state, student_state_dict
 
-__all__ = ["DistillCheckpointer", "is_distiller_state"]
+__all__ = ["DistillCheckpointer"]
 
 
 def _mismatch(model_state: Dict[str, Any], state: Dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""Harmony metrics (DESIGN §4.3): how well detection scores agree with localisation.
+"""Harmony metrics (beyond the TBD paper): how well detection scores agree with localisation.
 
 The TBD paper observes that a strong teacher makes a larger share of
 *harmonious* predictions (classification score close to the IoU of its box with

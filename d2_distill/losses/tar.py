@@ -12,6 +12,14 @@ from .common import _acc_dtype, _check_rows, _check_same_shape, rowwise_iou
 __all__ = ["tar_cls_gate", "tar_reg_gate", "tar_cls_loss", "tar_reg_loss"]
 
 
+def _check_rows_pair(kind: str, layout: str, student: Tensor, teacher: Tensor) -> int:
+    """Student and teacher ``kind`` of the same 2-D shape ``layout``; returns the rows R."""
+    _check_same_shape(f"student_{kind}", student, f"teacher_{kind}", teacher)
+    if student.dim() != 2:
+        raise ValueError(f"{kind} must be {layout}, got {tuple(student.shape)}")
+    return student.shape[0]
+
+
 def tar_cls_gate(student_logits: Tensor, teacher_logits: Tensor, gt_classes: Tensor) -> Tensor:
     """Classification gate: is the teacher more confident in the ground truth?
 
@@ -21,10 +29,8 @@ def tar_cls_gate(student_logits: Tensor, teacher_logits: Tensor, gt_classes: Ten
 
     Ties give False.
     """
-    _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
-    if student_logits.dim() != 2:
-        raise ValueError(f"logits must be (R, K+1), got {tuple(student_logits.shape)}")
-    _check_rows("gt_classes", gt_classes, student_logits.shape[0])
+    rows = _check_rows_pair("logits", "(R, K+1)", student_logits, teacher_logits)
+    _check_rows("gt_classes", gt_classes, rows)
     with torch.no_grad():
         acc = _acc_dtype(student_logits, teacher_logits)
         idx = gt_classes.detach().long()[:, None]
@@ -64,10 +70,7 @@ def tar_cls_loss(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
-    if student_logits.dim() != 2:
-        raise ValueError(f"logits must be (R, K+1), got {tuple(student_logits.shape)}")
-    rows = student_logits.shape[0]
+    rows = _check_rows_pair("logits", "(R, K+1)", student_logits, teacher_logits)
     _check_rows("gate", gate, rows)
     acc = _acc_dtype(student_logits, teacher_logits)
     log_q = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
@@ -92,10 +95,7 @@ def tar_reg_loss(student_deltas: Tensor, teacher_deltas: Tensor, gate: Tensor, b
     """
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta!r}")
-    _check_same_shape("student_deltas", student_deltas, "teacher_deltas", teacher_deltas)
-    if student_deltas.dim() != 2:
-        raise ValueError(f"deltas must be (R, 4), got {tuple(student_deltas.shape)}")
-    rows = student_deltas.shape[0]
+    rows = _check_rows_pair("deltas", "(R, 4)", student_deltas, teacher_deltas)
     _check_rows("gate", gate, rows)
     acc = _acc_dtype(student_deltas, teacher_deltas)
     diff = student_deltas.to(acc) - teacher_deltas.detach().to(acc)

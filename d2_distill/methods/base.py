@@ -47,6 +47,7 @@ __all__ = [
     "DistillMethod",
     "DistillStep",
     "FeatureAdapters",
+    "FeatureLevelsMethod",
     "build_adapter",
     "gaussian_masks",
     "check_same",
@@ -161,6 +162,31 @@ class DistillMethod(nn.Module):
 
     def forward(self, step: DistillStep) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+class FeatureLevelsMethod(DistillMethod):
+    """Base of the methods that imitate the teacher's backbone levels through
+    adapters, for any FPN pair: options ``weight`` and ``levels``
+    (DISTILL.<name>.WEIGHT / LEVELS, empty = every shared level). Weight 0 switches
+    the method off: no adapters, and the teacher never runs."""
+
+    student_architectures = ("GeneralizedRCNN", "RetinaNet")
+    non_negative = ("weight",)
+
+    def __init__(self, *, student, teacher, weight: float, levels: Sequence[str], adapter: str):
+        super().__init__(teacher=teacher)
+        self.weight = weight
+        self.features = (
+            FeatureAdapters(student, teacher, levels, adapter, f"DISTILL.{self.name}.LEVELS") if weight > 0 else None
+        )
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.features is not None
+
+    def install(self, recorder) -> None:
+        if self.features is not None:
+            recorder.record_output("features", "backbone")
 
 
 def check_same(what: str, student_value, teacher_value, method: str) -> None:

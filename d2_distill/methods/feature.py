@@ -16,19 +16,17 @@ from typing import Dict
 import torch
 from detectron2.config import CfgNode, configurable
 
-from .base import DISTILL_METHOD_REGISTRY, DistillMethod, DistillStep, FeatureAdapters
+from .base import DISTILL_METHOD_REGISTRY, DistillStep, FeatureLevelsMethod
 
 __all__ = ["FeatureMethod"]
 
 
 @DISTILL_METHOD_REGISTRY.register()
-class FeatureMethod(DistillMethod):
+class FeatureMethod(FeatureLevelsMethod):
     name = "FEATURE"
     loss_names = ("loss_feat",)
     components = {"feature": "DISTILL.FEATURE.WEIGHT"}
-    student_architectures = ("GeneralizedRCNN", "RetinaNet")
     default_schedule = "linear"
-    non_negative = ("weight",)
     positive = ("gaussian_sigma_ratio",)
 
     @classmethod
@@ -45,23 +43,12 @@ class FeatureMethod(DistillMethod):
     def __init__(self, *, student, teacher, weight: float = 1.0, levels=(), gaussian_sigma_ratio: float = 0.25,
                  adapter: str = "conv1x1"):
         self.check_options(**locals())
-        super().__init__(teacher=teacher)
-        self.weight = weight
+        super().__init__(student=student, teacher=teacher, weight=weight, levels=levels, adapter=adapter)
         self.sigma_ratio = gaussian_sigma_ratio
-        self.imitation = (
-            FeatureAdapters(student, teacher, levels, adapter, "DISTILL.FEATURE.LEVELS") if weight > 0 else None
-        )
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.imitation is not None
-
-    def install(self, recorder) -> None:
-        recorder.record_output("features", "backbone")
 
     def forward(self, step: DistillStep) -> Dict[str, torch.Tensor]:
-        if self.imitation is None:
+        if self.features is None:
             return {}
         feats = step.records["features"]
-        masks = self.imitation.gaussian_masks(step.gt_instances, feats, self.sigma_ratio)
-        return {"loss_feat": self.weight * self.imitation.imitation_loss(feats, step.teacher_features, masks)}
+        masks = self.features.gaussian_masks(step.gt_instances, feats, self.sigma_ratio)
+        return {"loss_feat": self.weight * self.features.imitation_loss(feats, step.teacher_features, masks)}

@@ -21,21 +21,19 @@ import torch
 from detectron2.config import CfgNode, configurable
 
 from ..losses import pkd_loss
-from .base import DISTILL_METHOD_REGISTRY, DistillMethod, DistillStep, FeatureAdapters
+from .base import DISTILL_METHOD_REGISTRY, DistillStep, FeatureLevelsMethod
 
 __all__ = ["PKDMethod"]
 
 
 @DISTILL_METHOD_REGISTRY.register()
-class PKDMethod(DistillMethod):
+class PKDMethod(FeatureLevelsMethod):
     name = "PKD"
     loss_names = ("loss_pkd",)
     components = {"feature": "DISTILL.PKD.WEIGHT"}
-    student_architectures = ("GeneralizedRCNN", "RetinaNet")
     # The paper keeps its loss weight fixed through training; a correlation target
     # does not become easier to match as the student improves, so it is not decayed.
     default_schedule = "constant"
-    non_negative = ("weight",)
 
     @classmethod
     def add_config(cls, cfg: CfgNode) -> None:
@@ -49,17 +47,7 @@ class PKDMethod(DistillMethod):
     @configurable
     def __init__(self, *, student, teacher, weight: float = 1.0, levels=(), adapter: str = "conv1x1"):
         self.check_options(**locals())
-        super().__init__(teacher=teacher)
-        self.weight = weight
-        self.features = FeatureAdapters(student, teacher, levels, adapter, "DISTILL.PKD.LEVELS") if weight > 0 else None
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.features is not None
-
-    def install(self, recorder) -> None:
-        if self.features is not None:
-            recorder.record_output("features", "backbone")
+        super().__init__(student=student, teacher=teacher, weight=weight, levels=levels, adapter=adapter)
 
     def forward(self, step: DistillStep) -> Dict[str, torch.Tensor]:
         if self.features is None:
