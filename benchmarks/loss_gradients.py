@@ -10,7 +10,7 @@ returns (detection and distillation), prints its value and the L2 norm of its
 gradient on each top-level part of the student (backbone, proposal_generator,
 roi_heads / head), averaged over the batches. A distillation term whose
 gradient dwarfs the ground-truth terms' on the same part drowns them: this is
-how the TAR head terms' normaliser was chosen (README, TAR).
+how the TAR head terms' normaliser was chosen (benchmarks/RESULTS.md).
 Nothing is trained: the weights are the same after the run.
 """
 from __future__ import annotations
