@@ -19,6 +19,7 @@ a row). A method without an entry there still gets plain / + components / full.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import math
 import os
@@ -100,11 +101,12 @@ def _rel(path: str) -> str:
     return os.path.relpath(full, ROOT) if os.path.isfile(full) else path
 
 
+@functools.lru_cache(maxsize=None)
 def distilled_configs(folder: str = QS):
     """[(repository-relative path, merged config)] of the configs in ``folder`` whose
     MODEL.META_ARCHITECTURE is Distiller and whose DISTILL.METHOD is registered.
     ``Base-*.yaml`` files are skipped: by detectron2's convention they are ``_BASE_``
-    parts of other configs, not configs to train."""
+    parts of other configs, not configs to train. Read once per process."""
     from d2_distill.engine import setup_cfg
     from d2_distill.methods import method_names
 
@@ -115,7 +117,7 @@ def distilled_configs(folder: str = QS):
         cfg = setup_cfg(path)
         if cfg.MODEL.META_ARCHITECTURE == "Distiller" and cfg.DISTILL.METHOD in registered:
             out.append((os.path.relpath(path, ROOT), cfg))
-    return out
+    return tuple(out)
 
 
 def discover_setups(folder: str = QS) -> Dict[str, List[Setup]]:
