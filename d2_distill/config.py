@@ -28,9 +28,8 @@ def add_distill_config(cfg: CN) -> None:
     """Add the DISTILL node (and nothing else) to a detectron2 config, in place."""
     _C = cfg
     _C.DISTILL = CN()
-    # Which method (a registered DistillMethod's name): "FEATURE" (Gaussian-masked
-    # feature imitation), "PKD" (Pearson-correlation feature imitation), both for any
-    # FPN pair; "TAR" (two-stage: Faster/Mask R-CNN); "TBD" (one-stage: RetinaNet).
+    # Which method: the name of a method in d2_distill.methods.DISTILL_METHOD_REGISTRY
+    # (each one's options are in DISTILL.<its name>; the registry lists them all).
     _C.DISTILL.METHOD = "TAR"
     # The student's own meta-architecture. MODEL.META_ARCHITECTURE is "Distiller";
     # the student is built by detectron2's build_model with this name instead.
@@ -55,7 +54,7 @@ def add_distill_config(cfg: CN) -> None:
     _C.DISTILL.SCHEDULE = CN()
     # r(t) multiplying every distillation loss: "linear" (1 - t/T), "step"
     # (per-epoch linear decay), "cosine", "constant", or "" for the method's
-    # default (its default_schedule: TAR and FEATURE linear, TBD and PKD constant).
+    # own default (its default_schedule).
     _C.DISTILL.SCHEDULE.KIND = ""
     # r is multiplied by min(1, t / WARMUP_ITERS); 0 disables warm-up.
     _C.DISTILL.SCHEDULE.WARMUP_ITERS = 0

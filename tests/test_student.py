@@ -9,7 +9,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultPredictor, default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
