@@ -1,14 +1,16 @@
 """Known third-party deprecation warnings, silenced at the lab's entry points.
 
-detectron2 (upstream, April 2024) calls APIs that torch 2.14 deprecates; each
-import, model build and traced forward repeats the warnings, which buried the
-demo's own output under hundreds of lines. The filters below match each warning
+detectron2 (upstream, April 2024) calls APIs that torch 2.14 and setuptools
+deprecate; its imports, model builds and traced forwards repeat the warnings,
+which buried the demo's own output under hundreds of lines. The filters below match each warning
 by its message *and* the module it is attributed to, so nothing else is hidden:
 d2_distill's own warnings, and any new warning of these libraries, still show.
 
-Only entry points install them (the ``benchmarks`` package on import;
-``train_net.py`` has the same lines); the library never changes the warning
-filters of the program that imports it.
+Only entry points install them: the ``benchmarks`` package on import, before
+any of its scripts imports detectron2 (``train_net.py``, the library's own entry
+point, would need the same filters before its first detectron2 import, since it
+does not import the lab). The library never changes the warning filters of the
+program that imports it.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ KNOWN_WARNINGS = (
     (r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script"),
     # detectron2's anchor generator calls torch.meshgrid without indexing=
     (r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"),
+    # detectron2's model zoo imports pkg_resources (hence the setuptools<81 pin)
+    (r"pkg_resources is deprecated as an API", UserWarning, r"detectron2\.model_zoo"),
 )
 
 
