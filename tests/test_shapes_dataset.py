@@ -75,7 +75,7 @@ def test_determinism(tmp_path):
     # The split records the version and the style that made it.
     assert coco["info"]["version"] == shapes.DATASET_VERSION == "shapes_v2"
     assert coco["info"]["style"] == {"min_objects": 1, "max_objects": 5, "min_extent": 24.0,
-                                     "max_extent": 120.0, "clutter": 0.5}
+                                     "max_extent": 120.0, "clutter": 0.25}
 
 
 def test_style_changes_the_images_and_is_deterministic():

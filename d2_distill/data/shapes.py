@@ -85,7 +85,7 @@ class ShapesStyle:
     max_objects: int = 5
     min_extent: float = 24.0
     max_extent: float = 120.0
-    clutter: float = 0.5
+    clutter: float = 0.25
 
 
 # shapes_v1 was ShapesStyle(max_objects=8, min_extent=8.0, clutter=1.0): half of
