@@ -68,10 +68,7 @@ def parse_args(argv=None):
     lab.add_opts_argument(p, "extra config opts for every student run and the teacher's evaluation")
     args = p.parse_args(argv)
     lab.check_opts(p, args)
-    unknown = [m for m in args.methods if m not in found]
-    if unknown:
-        p.error(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(found))}")
-    args.methods = list(dict.fromkeys(args.methods))
+    args.methods = lab.check_choices(p, "--methods", args.methods, sorted(found))
     args.setups = [s for m in args.methods for s in found[m]]
     lab.check_seeds(p, args.seeds)
     lab.check_positive(p, "--iters", args.iters)

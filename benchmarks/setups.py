@@ -305,6 +305,14 @@ def check_positive(p: argparse.ArgumentParser, flag: str, value) -> None:
         p.error(f"{flag} must be positive, got {value}")
 
 
+def check_choices(p: argparse.ArgumentParser, flag: str, values: Sequence[str], choices) -> List[str]:
+    """``values`` without repeats (order kept); a usage error names any not in ``choices``."""
+    unknown = [v for v in values if v not in choices]
+    if unknown:
+        p.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
+    return list(dict.fromkeys(values))
+
+
 def check_seeds(p: argparse.ArgumentParser, seeds: Sequence[int]) -> None:
     if len(set(seeds)) != len(seeds):
         p.error(f"--seeds: repeated seed in {list(seeds)}")

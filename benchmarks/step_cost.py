@@ -106,11 +106,7 @@ def parse_args(argv=None):
     lab.add_opts_argument(p, "extra config opts for every pair, e.g. -- DISTILL.TAR.PROPOSALS both")
     args = p.parse_args(argv)
     lab.check_opts(p, args)
-
-    unknown = [x for x in args.pairs if x not in pairs]
-    if unknown:
-        p.error(f"--pairs: unknown pair(s) {', '.join(unknown)}; choose from {', '.join(pairs)}")
-    args.pairs = {x: pairs[x] for x in args.pairs}  # keep order, drop repeats
+    args.pairs = {x: pairs[x] for x in lab.check_choices(p, "--pairs", args.pairs, list(pairs))}
     for flag in ("iters", "memory_iters", "batch"):
         lab.check_positive(p, "--" + flag.replace("_", "-"), getattr(args, flag))
     if args.warmup < 0:

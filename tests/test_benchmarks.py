@@ -49,7 +49,7 @@ def test_step_cost_pairs_and_opts():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--pairs", "tar_lvis"], "unknown pair"),
+        (["--pairs", "tar_lvis"], "--pairs: unknown tar_lvis"),
         (["--pairs"], "expected at least one"),
         (["--iters", "0"], "--iters must be positive"),
         (["--iters", "-2"], "--iters must be positive"),
@@ -164,7 +164,7 @@ def test_gap_closed():
         (["--seeds", "1", "1"], "repeated seed"),
         (["--seeds", "-1"], "--seeds must be >= 0"),
         (["--iters", "0"], "--iters must be positive"),
-        (["--methods", "fgd"], "unknown method"),
+        (["--methods", "fgd"], "--methods: unknown fgd"),
         (["--methods"], "expected at least one"),
         (["--methods", "tar", "--teacher-weights", "/no/such/teacher.pth"], "no such file"),
         (["--teacher-weights", "tar=/no/such/teacher.pth"], "no such file"),
