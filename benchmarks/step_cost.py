@@ -91,8 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--memory-iters", type=int, default=1,
                    help="iterations per phase measuring peak memory, after the timed ones (default 1)")
     p.add_argument("--batch", type=int, default=2, help="images per step (default 2)")
-    p.add_argument("--quickstart-size", type=int, default=192,
-                   help="input short side of the quickstart pairs, px (default 192, the quickstart configs' INPUT size)")
+    p.add_argument("--quickstart-size", type=int, default=0,
+                   help="input short side of the quickstart pairs, px (default 0: each config's INPUT.MIN_SIZE_TEST)")
     p.add_argument("--coco-size", type=int, default=320,
                    help="input short side of the model-zoo-sized COCO pairs, px (default 320)")
     p.add_argument("--device", default=default_device(), help="cuda, cuda:N or cpu (default: cuda if available)")
@@ -112,7 +112,7 @@ def parse_args(argv=None):
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     for opt in ("quickstart_size", "coco_size"):
-        if getattr(args, opt) < 64:
+        if getattr(args, opt) < 64 and not (opt == "quickstart_size" and getattr(args, opt) == 0):
             p.error(f"--{opt.replace('_', '-')} must be at least 64 px, got {getattr(args, opt)}")
     if args.threads < 0:
         p.error(f"--threads must be >= 0, got {args.threads}")
@@ -354,6 +354,8 @@ def measure_pair(name: str, args, storage, memory) -> Dict:
     device = torch.device(args.device)
     config, kind = args.pairs[name]
     size = args.quickstart_size if kind == "quickstart" else args.coco_size
+    if not size:  # the config's own test size
+        size = pair_configs(config, args.device, list(args.opts or []))[0].INPUT.MIN_SIZE_TEST
     with tempfile.TemporaryDirectory(prefix="step_cost_") as tmp:
         cfg, model, batch, calibrated = build_distiller(
             config, args.device, list(args.opts or []), tmp, args.dataset, size, args.batch

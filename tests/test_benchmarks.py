@@ -31,7 +31,7 @@ def test_step_cost_defaults():
     assert {"tar_faster_rcnn", "tbd_retinanet", "tar_faster_rcnn_R50_from_R101", "tbd_retinanet_R50_from_R101"} <= set(pairs)
     assert {a.pairs[x][1] for x in pairs} == {"quickstart", "coco"} and not any(x.startswith("Base-") for x in pairs)
     assert (a.iters, a.warmup, a.batch, a.memory_iters) == (10, 2, 2, 1)
-    assert (a.quickstart_size, a.coco_size) == (192, 320)
+    assert (a.quickstart_size, a.coco_size) == (0, 320)  # 0: each quickstart config's own test size
     assert a.device == step_cost.default_device()
     assert a.output == "output/benchmarks/step_cost.json"
     assert a.dataset == "shapes_val" and a.opts == [] and a.lr == 0.0
@@ -58,6 +58,7 @@ def test_step_cost_pairs_and_opts():
         (["--batch", "0"], "--batch"),
         (["--memory-iters", "0"], "--memory-iters"),
         (["--coco-size", "16"], "--coco-size"),
+        (["--quickstart-size", "16"], "--quickstart-size"),
         (["--device", "tpu"], "--device"),
         (["--dataset", "coco_2017_val"], "--dataset"),
         (["DISTILL.ADAPTER"], "KEY VALUE"),
