@@ -143,3 +143,25 @@ def test_anchor_count_from_config():
     assert anchors_per_location(cfg) == [9, 9]
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64, 80]]
     assert anchors_per_location(cfg) == [3, 6]
+
+
+@pytest.mark.parametrize("weighting", ["harmony", "uniform"])
+def test_hd_weighting_uniform_ignores_the_harmony_score(retina_teacher_weights, monkeypatch, weighting):
+    """With every Harmony Score 0 and negatives off, harmony-weighted HD teaches
+    nothing; uniform weights (the ablation of the Harmony Score) still teach every positive."""
+    import d2_distill.methods.tbd as tbd
+
+    monkeypatch.setattr(tbd, "harmony_score", lambda s, u, gamma: torch.zeros_like(s))
+    model = build(cfg_for("tbd_retinanet.yaml", "DISTILL.TBD.TFD_WEIGHT", "0.0", "DISTILL.TBD.HD_NEG_WEIGHT", "0.0",
+                          "DISTILL.TBD.HD_WEIGHTING", weighting, teacher=retina_teacher_weights))
+    assert model.method.hd_weighting == weighting
+    losses, _ = _step(model, fake_batch(2))
+    if weighting == "harmony":
+        assert losses["loss_tbd_hd"].item() == 0.0
+    else:
+        assert losses["loss_tbd_hd"].item() > 0.0
+
+
+def test_hd_weighting_is_checked(retina_teacher_weights):
+    with pytest.raises(ValueError, match=r"DISTILL.TBD.HD_WEIGHTING='equal' is not one of \['harmony', 'uniform'\]"):
+        build(cfg_for("tbd_retinanet.yaml", "DISTILL.TBD.HD_WEIGHTING", "equal", teacher=retina_teacher_weights))

@@ -86,8 +86,10 @@ class TARMethod(DistillMethod):
         # probability than the student; "none": every RoI.
         c.CLS_GATE = "adaptive"
         # Regression gate: teach where the teacher's box overlaps the GT more than
-        # the student's box ("student") or the proposal ("proposal"); "none": always.
-        c.REG_GATE = "student"
+        # the proposal ("proposal", what the paper compares: does the teacher's
+        # refinement improve on the proposal?), more than the student's own box
+        # ("student"), or always ("none").
+        c.REG_GATE = "proposal"
         # Softmax temperature of the classification KL term.
         c.TEMPERATURE = 1.0
 
@@ -126,7 +128,7 @@ class TARMethod(DistillMethod):
         reg_weight: float = 1.0,
         cls_rois: str = "foreground",
         cls_gate: str = "adaptive",
-        reg_gate: str = "student",
+        reg_gate: str = "proposal",
         temperature: float = 1.0,
         adapter: str = "conv1x1",
     ):

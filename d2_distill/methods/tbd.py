@@ -53,7 +53,7 @@ class TBDMethod(DistillMethod):
     components = {"HD": "DISTILL.TBD.HD_WEIGHT", "TFD": "DISTILL.TBD.TFD_WEIGHT"}
     student_architectures = ("RetinaNet",)
     default_schedule = "constant"
-    choices = {"tfd_balance": ("dynamic", "fixed")}
+    choices = {"tfd_balance": ("dynamic", "fixed"), "hd_weighting": ("harmony", "uniform")}
     non_negative = ("hs_quality_exp", "hd_weight", "hd_reg_weight", "hd_neg_weight", "tfd_weight")
     positive = ("temperature",)
     unit_interval = ("tfd_cls_weight",)
@@ -69,6 +69,10 @@ class TBDMethod(DistillMethod):
         c.HD_REG_WEIGHT = 1.0
         c.HD_NEG_WEIGHT = 1.0
         c.TEMPERATURE = 1.0
+        # Weights of HD's positive anchors: "harmony" (the paper: each anchor's
+        # Harmony Score) or "uniform" (1 on every positive; the ablation of the
+        # Harmony Score itself).
+        c.HD_WEIGHTING = "harmony"
         # Task-decoupled feature distillation (TFD) weight, task balance
         # ("dynamic": from the student's current cls/box losses; "fixed") and the
         # classification share with "fixed".
@@ -101,6 +105,7 @@ class TBDMethod(DistillMethod):
         hd_reg_weight: float = 1.0,
         hd_neg_weight: float = 1.0,
         temperature: float = 1.0,
+        hd_weighting: str = "harmony",
         tfd_weight: float = 1.0,
         tfd_balance: str = "dynamic",
         tfd_cls_weight: float = 0.5,
@@ -111,6 +116,7 @@ class TBDMethod(DistillMethod):
         self.hd_weight, self.hd_reg_weight, self.hd_neg_weight = hd_weight, hd_reg_weight, hd_neg_weight
         self.tfd_weight, self.tfd_balance, self.tfd_cls_weight = tfd_weight, tfd_balance, tfd_cls_weight
         self.quality_exp = hs_quality_exp
+        self.hd_weighting = hd_weighting
         self.temperature = temperature
         self.num_classes = student.num_classes
         self.in_features = list(student.head_in_features)
@@ -179,12 +185,13 @@ class TBDMethod(DistillMethod):
         s_score = t_prob.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (N, R)
         iou = rowwise_iou(t_boxes.reshape(-1, 4), gt_boxes.reshape(-1, 4)).view_as(s_score)
         hs = torch.where(pos, harmony_score(s_score, iou, self.quality_exp), torch.zeros_like(s_score))
-        w = torch.where(pos, hs, torch.full_like(hs, self.hd_neg_weight)) * valid
+        pos_w = hs if self.hd_weighting == "harmony" else pos.to(hs.dtype)
+        w = torch.where(pos, pos_w, torch.full_like(hs, self.hd_neg_weight)) * valid
         qf = quality_focal_distill_loss(s_logits, t_logits, self.temperature).sum(-1)  # (N, R)
         cls = (w * qf).sum() / n_pos
 
         s_boxes = self.student_transform.apply_deltas(s_deltas[pos], s_anchors.repeat(pos.shape[0], 1)[pos.reshape(-1)])
-        reg = (hs[pos] * giou_loss_rowwise(s_boxes, t_boxes[pos])).sum() / n_pos
+        reg = (pos_w[pos] * giou_loss_rowwise(s_boxes, t_boxes[pos])).sum() / n_pos
         storage = get_event_storage()
         if storage.iter % 20 == 0:
             storage.put_scalar("distill/tbd_mean_hs", (hs.sum() / n_pos).detach())
