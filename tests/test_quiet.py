@@ -42,3 +42,21 @@ def test_the_lab_silences_detectron2s_known_deprecations_only():
     assert not [line for line in lines if any(k in line for k in known)], lines
     assert any("d2_distill own warning" in line for line in lines), quiet  # our own warnings stay visible
     assert any("said someone else" in line for line in lines), quiet  # matched by message and module
+
+
+def test_unsafe_load_notice_only_for_files_outside_the_repositorys_configs(tmp_path, caplog):
+    """The RetinaNet configs' YAML eval tag makes fvcore warn on every read; the lab
+    trusts this repository's configs/ and nothing else."""
+    import shutil
+
+    import benchmarks  # noqa: F401  (installs the filters)
+    from d2_distill.engine import setup_cfg
+
+    repo_cfg = os.path.join(ROOT, "configs", "quickstart", "retinanet_R18_FPN_student.yaml")
+    elsewhere = tmp_path / "configs"
+    shutil.copytree(os.path.join(ROOT, "configs", "quickstart"), elsewhere)
+    with caplog.at_level("WARNING", logger="fvcore.common.config"):
+        setup_cfg(repo_cfg)
+        assert "unsafe_load" not in caplog.text
+        setup_cfg(str(elsewhere / "retinanet_R18_FPN_student.yaml"))
+    assert f"Loading config {elsewhere}" in caplog.text and "unsafe_load" in caplog.text
