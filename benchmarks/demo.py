@@ -9,8 +9,9 @@
 ``--config`` (default: the first). Steps: train the teacher (or reuse its
 checkpoint), train the plain student and the distilled student on the same
 schedule and seed, evaluate all three with COCOEvaluator, print a table (AP,
-AP50, AP75, harmony, parameters, GFLOPs, inference ms/image) and save a figure
-(AP bars, the students' detection-loss curves). Runs are cached in ``--output``:
+AP50, AP75, harmony, parameters, GFLOPs, inference ms/image) and save two
+figures: AP bars with the students' detection-loss curves, and the three models'
+detections on the same validation images. Runs are cached in ``--output``:
 a finished run is reused, not retrained.
 """
 import argparse
@@ -33,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="output/runs", help="run cache and figure folder")
     p.add_argument("--timing-images", type=int, default=20, help="validation images for inference ms/image")
+    p.add_argument("--show-images", type=int, default=3,
+                   help="validation images in the detections picture (teacher / plain / distilled; default 3)")
+    p.add_argument("--show-score", type=float, default=0.5, help="score threshold of the drawn detections")
     p.add_argument("--teacher-weights", default="",
                    help="use this teacher checkpoint instead of training (or reusing) the quickstart teacher")
     lab.add_opts_argument(p, "extra config opts for the student runs and the teacher's evaluation")
@@ -40,6 +44,7 @@ def parse_args(argv=None):
     lab.check_opts(p, args)
     lab.check_file(p, "--teacher-weights", args.teacher_weights)
     lab.check_positive(p, "--timing-images", args.timing_images)
+    lab.check_positive(p, "--show-images", args.show_images)
     lab.check_positive(p, "--iters", args.iters)
     try:
         args.setup = lab.find_setup(found, args.method, args.config)
@@ -50,10 +55,12 @@ def parse_args(argv=None):
     return args
 
 
-def measure(config_file: str, opts, weights: str, num_images: int) -> dict:
+def measure(config_file: str, opts, weights: str, num_images: int, show: int = 0, detections=None) -> dict:
     """Parameters, GFLOPs (fvcore, one test-size image) and eval-mode ms/image on CPU,
     of what is deployed: the student alone for a distiller config. Images are
-    prepared as detectron2's DefaultPredictor does (``d2_distill.student.student_inputs``)."""
+    prepared as detectron2's DefaultPredictor does (``d2_distill.student.student_inputs``).
+    The predictions on the first ``show`` images are appended to ``detections``
+    (file name, boxes, scores, classes), for the detections picture."""
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog
@@ -72,7 +79,7 @@ def measure(config_file: str, opts, weights: str, num_images: int) -> dict:
     else:
         DetectionCheckpointer(model).load(weights)
     model.eval()
-    dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])[:num_images]
+    dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])[:max(num_images, show)]
     inputs = [student_inputs(cfg, read_image(d["file_name"], "BGR")) for d in dicts]
     with torch.no_grad():
         flops = FlopCountAnalysis(model, [inputs[0]])
@@ -80,9 +87,13 @@ def measure(config_file: str, opts, weights: str, num_images: int) -> dict:
         gflops = flops.total() / 1e9
         model([inputs[0]])  # warm-up
         start = time.perf_counter()
-        for x in inputs:
+        for x in inputs[:num_images]:
             model([x])
-        ms = 1000 * (time.perf_counter() - start) / len(inputs)
+        ms = 1000 * (time.perf_counter() - start) / num_images
+        for d, x in zip(dicts[:show], inputs):
+            inst = model([x])[0]["instances"].to("cpu")
+            detections.append({"dataset": cfg.DATASETS.TEST[0], "file_name": d["file_name"], "boxes": inst.pred_boxes.tensor.numpy(),
+                               "scores": inst.scores.numpy(), "classes": inst.pred_classes.numpy()})
     return {"params_M": sum(p.numel() for p in model.parameters()) / 1e6, "GFLOPs": gflops, "ms_per_image": ms}
 
 
@@ -127,6 +138,39 @@ def figure(rows, histories, path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def detections_figure(models, path: str, min_score: float) -> None:
+    """One row per validation image, one column per model: its detections with
+    score >= ``min_score`` (class and score), next to the ground truth's count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.detection_utils import read_image
+
+    dataset = next(iter(models.values()))[0]["dataset"]
+    names = MetadataCatalog.get(dataset).thing_classes
+    gt = {d["file_name"]: len(d["annotations"]) for d in DatasetCatalog.get(dataset)}
+    colours = plt.get_cmap("tab10")
+    rows = len(next(iter(models.values())))
+    fig, axes = plt.subplots(rows, len(models), figsize=(3.2 * len(models), 3.2 * rows), squeeze=False)
+    for col, (model, dets) in enumerate(models.items()):
+        for row, det in enumerate(dets):
+            ax = axes[row][col]
+            ax.imshow(read_image(det["file_name"], "RGB"))
+            ax.set_xticks([]), ax.set_yticks([])
+            keep = det["scores"] >= min_score
+            for (x0, y0, x1, y1), score, c in zip(det["boxes"][keep], det["scores"][keep], det["classes"][keep]):
+                ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, color=colours(c % 10)))
+                ax.text(x0, y0, f"{names[c]} {score:.2f}", fontsize=6, color="white", va="bottom",
+                        bbox={"facecolor": colours(c % 10), "pad": 0.5, "lw": 0})
+            if row == 0:
+                ax.set_title(model, fontsize=9)
+            ax.set_xlabel(f"{int(keep.sum())} detections (≥ {min_score}), {gt[det['file_name']]} objects", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def markdown(table, cols) -> str:
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in table:
@@ -150,14 +194,17 @@ def main(argv=None):
     distilled = lab.train_row(full_row, args.output, iters, args.seed, teacher, extra)
 
     print("[demo] 4/4 evaluation and measurements", flush=True)
-    n = args.timing_images
+    n, show = args.timing_images, args.show_images
+    dets = {"teacher": [], "plain student": [], f"{name} student": []}
     table = [
         {"model": "teacher", **lab.evaluate_teacher(setup, teacher, extra),
-         **measure(setup.teacher_config, extra, teacher, n)},
+         **measure(setup.teacher_config, extra, teacher, n, show, dets["teacher"])},
         {"model": "plain student", **plain["metrics"],
-         **measure(plain_row.config, plain["opts"], os.path.join(plain["run"], "model_final.pth"), n)},
+         **measure(plain_row.config, plain["opts"], os.path.join(plain["run"], "model_final.pth"), n, show,
+                   dets["plain student"])},
         {"model": f"{name} student", **distilled["metrics"],
-         **measure(full_row.config, distilled["opts"], os.path.join(distilled["run"], "model_final.pth"), n)},
+         **measure(full_row.config, distilled["opts"], os.path.join(distilled["run"], "model_final.pth"), n, show,
+                   dets[f"{name} student"])},
     ]
     cols = ["AP", "AP50", "AP75", "harmonious_ratio", "params_M", "GFLOPs", "ms_per_image"]
     text = markdown(table, cols)
@@ -168,13 +215,16 @@ def main(argv=None):
     figure(table, {"plain student": detection_loss(plain["loss_history"], exclude),
                    f"{name} student": detection_loss(distilled["loss_history"], exclude)},
            fig_path, f"{name} on the built-in dataset, {iters} iterations")
+    det_path = os.path.join(args.output, f"{stem}_detections.png")
+    detections_figure({f"{m} ({r['AP']:.1f} AP)": d for (m, d), r in zip(dets.items(), table)},
+                      det_path, args.show_score)
     lab.write_json(os.path.join(args.output, f"{stem}.json"),
                    {"config": setup.config, "rows": table, "iters": iters, "seed": args.seed})
     print("\n" + text)
     gain = table[2]["AP"] - table[1]["AP"]
-    print(f"\n{name} student vs plain student: {gain:+.2f} AP; figure: {fig_path}; "
+    print(f"\n{name} student vs plain student: {gain:+.2f} AP; figures: {fig_path}, {det_path}; "
           f"wall time {time.perf_counter() - start:.0f} s")
-    return {"rows": table, "figure": fig_path, "markdown": text, "setup": setup}
+    return {"rows": table, "figure": fig_path, "detections": det_path, "markdown": text, "setup": setup}
 
 
 if __name__ == "__main__":

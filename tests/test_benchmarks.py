@@ -249,6 +249,7 @@ def test_demo_accepts_any_discovered_method_in_any_case():
         (["--config", "tbd_retinanet"], "not a config of tar"),
         (["--teacher-weights", "/no/such/teacher.pth"], "no such file"),
         (["--timing-images", "0"], "--timing-images must be positive"),
+        (["--show-images", "0"], "--show-images must be positive"),
         (["SOLVER.MAX_ITER"], "KEY VALUE"),
     ],
 )
@@ -269,7 +270,7 @@ def test_demo_tiny_run(tmp_path, capsys, monkeypatch, frcnn_teacher_weights):
     out = tmp_path / "runs"
     result = demo.main([
         "--iters", "2", "--output", str(out), "--teacher-weights", frcnn_teacher_weights, "--timing-images", "2",
-        *TINY,
+        "--show-images", "2", "--show-score", "0.0", *TINY,
     ])
     rows = {r["model"]: r for r in result["rows"]}
     assert list(rows) == ["teacher", "plain student", "TAR student"]
@@ -279,8 +280,9 @@ def test_demo_tiny_run(tmp_path, capsys, monkeypatch, frcnn_teacher_weights):
     # what is deployed is the student alone: same size with or without distillation, smaller than the teacher
     assert rows["TAR student"]["params_M"] == rows["plain student"]["params_M"] < rows["teacher"]["params_M"]
     assert rows["TAR student"]["GFLOPs"] == pytest.approx(rows["plain student"]["GFLOPs"])
-    with open(result["figure"], "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for figure in (result["figure"], result["detections"]):  # AP bars + loss curves; detections
+        with open(figure, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "demo_tar_faster_rcnn.json").read_text())
     assert [r["model"] for r in saved["rows"]] == list(rows) and saved["iters"] == 2
     printed = capsys.readouterr().out
