@@ -11,11 +11,17 @@ neither needed nor read, unless DISTILL.EVAL.TEACHER asks to evaluate it too.
 """
 import logging
 
-from detectron2.engine import default_argument_parser, launch
+# Known third-party deprecation warnings (detectron2 on torch 2.14), silenced
+# before detectron2 is first imported; d2_distill's own warnings stay visible.
+from benchmarks.quiet import silence_third_party_warnings
 
-from d2_distill.engine import DistillCheckpointer, DistillTrainer, setup_cfg
-from d2_distill.modeling import build_teacher
-from d2_distill.student import is_distiller_cfg
+silence_third_party_warnings()
+
+from detectron2.engine import default_argument_parser, launch  # noqa: E402
+
+from d2_distill.engine import DistillCheckpointer, DistillTrainer, setup_cfg  # noqa: E402
+from d2_distill.modeling import build_teacher  # noqa: E402
+from d2_distill.student import is_distiller_cfg  # noqa: E402
 
 
 def main(args):

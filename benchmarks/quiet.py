@@ -14,13 +14,9 @@ program that imports it.
 """
 from __future__ import annotations
 
-import logging
-import os
 import warnings
 
-__all__ = ["KNOWN_WARNINGS", "TrustedConfigFilter", "silence_third_party_warnings"]
-
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+__all__ = ["KNOWN_WARNINGS", "silence_third_party_warnings"]
 
 # (message regex, category, module regex): all three must match.
 KNOWN_WARNINGS = (
@@ -33,26 +29,8 @@ KNOWN_WARNINGS = (
 )
 
 
-class TrustedConfigFilter(logging.Filter):
-    """Drops fvcore's "Loading config X with yaml.unsafe_load" notice when X is one of
-    this repository's own configs (reviewed files; the RetinaNet ones compute their
-    anchor sizes with a YAML ``eval`` tag, as detectron2's model-zoo configs do, and
-    every lab script reads them). Any other file still gets the notice."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if "with yaml.unsafe_load" not in text or not text.startswith("Loading config "):
-            return True
-        path = text[len("Loading config "):text.index(" with yaml.unsafe_load")]
-        return not os.path.abspath(path).startswith(CONFIGS + os.sep)
-
-
 def silence_third_party_warnings() -> None:
     """Ignore the warnings of :data:`KNOWN_WARNINGS` in this process (and the data
-    loader workers it forks), and fvcore's unsafe-load notice for this repository's
-    configs (:class:`TrustedConfigFilter`)."""
+    loader workers it forks)."""
     for message, category, module in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
-    logger = logging.getLogger("fvcore.common.config")
-    if not any(isinstance(f, TrustedConfigFilter) for f in logger.filters):
-        logger.addFilter(TrustedConfigFilter())

