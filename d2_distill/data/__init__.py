@@ -3,7 +3,9 @@
 from .shapes import (
     DATASET_VERSION,
     SPLITS,
+    STYLE,
     THING_CLASSES,
+    ShapesStyle,
     data_root,
     ensure_datasets,
     ensure_split,
@@ -16,7 +18,9 @@ from .shapes import (
 __all__ = [
     "DATASET_VERSION",
     "SPLITS",
+    "STYLE",
     "THING_CLASSES",
+    "ShapesStyle",
     "data_root",
     "ensure_datasets",
     "ensure_split",
