@@ -28,6 +28,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _style_key(style: dict) -> str:
     return hashlib.sha1(json.dumps(style, sort_keys=True).encode()).hexdigest()[:10]
@@ -85,7 +87,7 @@ def _launch(job: dict, out: str, threads: int) -> dict:
         rc = subprocess.call(
             [sys.executable, "-m", "benchmarks.regime_pilot", "--one", json.dumps(job), "--out", out,
              "--threads", str(threads)],
-            stdout=f, stderr=subprocess.STDOUT,
+            stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
         )
     if rc != 0 or not os.path.isfile(path):
         with open(log) as f:
@@ -103,6 +105,7 @@ def main(argv=None):
     p.add_argument("--parallel", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    args.out = os.path.abspath(args.out)
     if args.one:
         run_one(json.loads(args.one), args.out, args.threads)
         return

@@ -389,3 +389,38 @@ def test_loss_gradients_needs_a_distiller():
     with pytest.raises(SystemExit, match="needs a distiller config"):
         loss_gradients.main(["--config-file", os.path.join(ROOT, "configs", "quickstart",
                                                            "faster_rcnn_R18_FPN_student.yaml"), *SMALL])
+
+
+# ---- regime_pilot ------------------------------------------------------------------
+def test_regime_pilot_tiny_waves(tmp_path, capsys, frcnn_teacher_weights):
+    """Two waves: a plain job in a style of its own, then a distilled job naming an
+    earlier job as its teacher; each style gets its own data folder; finished jobs
+    are not repeated."""
+    from benchmarks import regime_pilot
+
+    mini = ["DATASETS.TRAIN", "('shapes_mini_train',)", "SOLVER.MAX_ITER", "2"]
+    student = os.path.join(ROOT, "configs", "quickstart", "faster_rcnn_R18_FPN_student.yaml")
+    tar = os.path.join(ROOT, "configs", "quickstart", "tar_faster_rcnn.yaml")
+    waves = [
+        [{"name": "plain", "style": {"clutter": 0.0}, "config": student, "opts": TINY + mini, "test": "shapes_mini_val"}],
+        [{"name": "tar", "style": {"clutter": 0.0}, "config": tar, "opts": TINY + mini, "test": "shapes_mini_val",
+          "teacher": "teacher"}],
+    ]
+    # the distilled job's teacher: a random quickstart teacher, as if trained by an earlier wave
+    os.makedirs(tmp_path / "out" / "teacher")
+    os.symlink(frcnn_teacher_weights, tmp_path / "out" / "teacher" / "model_final.pth")
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps(waves))
+    regime_pilot.main(["--jobs", str(jobs), "--out", str(tmp_path / "out"), "--parallel", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "plain: AP" in out and "tar: AP" in out and "FAILED" not in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["job"]["name"] for r in summary] == ["plain", "tar"]
+    assert all(0.0 <= r["AP"] <= 100.0 and r["s_per_it"] > 0 for r in summary)
+    data = os.listdir(tmp_path / "out" / "data")
+    assert len(data) == 1  # one style, one data folder
+    split = tmp_path / "out" / "data" / data[0] / "shapes_v2" / "shapes_mini_train.json"
+    assert json.loads(split.read_text())["info"]["style"]["clutter"] == 0.0
+    mtime = os.path.getmtime(tmp_path / "out" / "plain" / "results.json")
+    regime_pilot.main(["--jobs", str(jobs), "--out", str(tmp_path / "out"), "--parallel", "1"])
+    assert os.path.getmtime(tmp_path / "out" / "plain" / "results.json") == mtime  # reused
