@@ -1,4 +1,4 @@
-"""d2_distill: knowledge distillation for detectron2 detectors (TAR, TBD).
+"""d2_distill: knowledge distillation for detectron2 detectors (TAR, TBD, PKD, FEATURE).
 
 Importing the package registers the Distiller meta-architecture, the methods
 and the built-in shapes datasets with detectron2.

@@ -145,7 +145,7 @@ def test_mismatched_teacher_fails_at_build(frcnn_teacher_weights, teacher_opts, 
 
 def test_tar_on_retinanet_fails_at_build(retina_teacher_weights):
     cfg = cfg_for("tbd_retinanet.yaml", "DISTILL.METHOD", "TAR", teacher=retina_teacher_weights)
-    with pytest.raises(ValueError, match="TAR serves two-stage detectors"):
+    with pytest.raises(ValueError, match=r"DISTILL.METHOD=TAR serves GeneralizedRCNN detectors; the .* is \'RetinaNet\' \(methods for RetinaNet: FEATURE, PKD, TBD\)"):
         build(cfg)
 
 

@@ -143,10 +143,13 @@ class DistillMethod(nn.Module):
         """Raise ValueError naming what differs if the pair cannot be served.
         The base class checks both meta-architectures against ``student_architectures``."""
         for who, c in (("student", student_cfg), ("teacher", teacher_cfg)):
-            if c.MODEL.META_ARCHITECTURE not in cls.student_architectures:
+            arch = c.MODEL.META_ARCHITECTURE
+            if arch not in cls.student_architectures:
+                others = [m for m in method_names() if arch in method_class(m).student_architectures]
                 raise ValueError(
                     f"DISTILL.METHOD={cls.name} serves {' and '.join(cls.student_architectures)} "
-                    f"detectors; the {who} is {c.MODEL.META_ARCHITECTURE!r}"
+                    f"detectors; the {who} is {arch!r}"
+                    + (f" (methods for {arch}: {', '.join(others)})" if others else "")
                 )
 
     # ---- training -----------------------------------------------------------
@@ -172,6 +175,22 @@ class FeatureLevelsMethod(DistillMethod):
 
     student_architectures = ("GeneralizedRCNN", "RetinaNet")
     non_negative = ("weight",)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "components" not in cls.__dict__:  # one component: the imitation, weighted by WEIGHT
+            cls.components = {"feature": f"DISTILL.{cls.name}.WEIGHT"}
+
+    @classmethod
+    def add_config(cls, cfg: CfgNode) -> CfgNode:
+        """Adds DISTILL.<name> with WEIGHT and LEVELS; returns the node, for subclasses
+        to add their own options."""
+        c = cfg.DISTILL[cls.name] = CfgNode()
+        # Weight of the method's loss; 0 switches the method off (the teacher never runs).
+        c.WEIGHT = 1.0
+        # Feature levels to imitate; empty = every level the student and teacher share.
+        c.LEVELS = []
+        return c
 
     def __init__(self, *, student, teacher, weight: float, levels: Sequence[str], adapter: str):
         super().__init__(teacher=teacher)

@@ -25,19 +25,15 @@ __all__ = ["FeatureMethod"]
 class FeatureMethod(FeatureLevelsMethod):
     name = "FEATURE"
     loss_names = ("loss_feat",)
-    components = {"feature": "DISTILL.FEATURE.WEIGHT"}
     default_schedule = "linear"
     positive = ("gaussian_sigma_ratio",)
 
     @classmethod
-    def add_config(cls, cfg: CfgNode) -> None:
-        c = cfg.DISTILL.FEATURE = CfgNode()
-        # Weight of loss_feat; 0 switches the method off (the teacher never runs).
-        c.WEIGHT = 1.0
-        # Feature levels to imitate; empty = every level the student and teacher share.
-        c.LEVELS = []
+    def add_config(cls, cfg: CfgNode) -> CfgNode:
+        c = super().add_config(cfg)  # WEIGHT, LEVELS
         # Gaussian sigma as a fraction of the box side (0.25: ~0.135 at the box edge).
         c.GAUSSIAN_SIGMA_RATIO = 0.25
+        return c
 
     @configurable
     def __init__(self, *, student, teacher, weight: float = 1.0, levels=(), gaussian_sigma_ratio: float = 0.25,

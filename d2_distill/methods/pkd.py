@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-from detectron2.config import CfgNode, configurable
+from detectron2.config import configurable
 
 from ..losses import pkd_loss
 from .base import DISTILL_METHOD_REGISTRY, DistillStep, FeatureLevelsMethod
@@ -30,19 +30,11 @@ __all__ = ["PKDMethod"]
 class PKDMethod(FeatureLevelsMethod):
     name = "PKD"
     loss_names = ("loss_pkd",)
-    components = {"feature": "DISTILL.PKD.WEIGHT"}
     # The paper keeps its loss weight fixed through training; a correlation target
     # does not become easier to match as the student improves, so it is not decayed.
     default_schedule = "constant"
-
-    @classmethod
-    def add_config(cls, cfg: CfgNode) -> None:
-        c = cfg.DISTILL.PKD = CfgNode()
-        # Weight of loss_pkd; 0 switches the method off (the teacher never runs).
-        # Provisional: not yet tuned on the built-in dataset.
-        c.WEIGHT = 1.0
-        # FPN levels to imitate; empty = every level the student and teacher share.
-        c.LEVELS = []
+    # DISTILL.PKD: WEIGHT (1.0, provisional: not yet tuned on the built-in dataset)
+    # and LEVELS, from FeatureLevelsMethod.add_config.
 
     @configurable
     def __init__(self, *, student, teacher, weight: float = 1.0, levels=(), adapter: str = "conv1x1"):

@@ -95,12 +95,8 @@ class TARMethod(DistillMethod):
 
     @classmethod
     def check_configs(cls, student_cfg: CfgNode, teacher_cfg: CfgNode) -> None:
+        super().check_configs(student_cfg, teacher_cfg)
         for who, c in (("student", student_cfg), ("teacher", teacher_cfg)):
-            if c.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
-                raise ValueError(
-                    f"DISTILL.METHOD=TAR serves two-stage detectors (GeneralizedRCNN); the {who} is "
-                    f"{c.MODEL.META_ARCHITECTURE!r} (use DISTILL.METHOD=TBD for RetinaNet)"
-                )
             if c.MODEL.ROI_HEADS.NAME != "StandardROIHeads":
                 raise ValueError(
                     f"DISTILL.METHOD=TAR needs StandardROIHeads (an FPN box head); the {who} has "

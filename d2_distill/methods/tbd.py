@@ -82,12 +82,7 @@ class TBDMethod(DistillMethod):
 
     @classmethod
     def check_configs(cls, student_cfg: CfgNode, teacher_cfg: CfgNode) -> None:
-        for who, c in (("student", student_cfg), ("teacher", teacher_cfg)):
-            if c.MODEL.META_ARCHITECTURE != "RetinaNet":
-                raise ValueError(
-                    f"DISTILL.METHOD=TBD serves one-stage RetinaNet detectors; the {who} is "
-                    f"{c.MODEL.META_ARCHITECTURE!r} (use DISTILL.METHOD=TAR for Faster/Mask R-CNN)"
-                )
+        super().check_configs(student_cfg, teacher_cfg)
         s, t = student_cfg.MODEL, teacher_cfg.MODEL
         check_same("MODEL.RETINANET.NUM_CLASSES", s.RETINANET.NUM_CLASSES, t.RETINANET.NUM_CLASSES, "TBD")
         check_same("MODEL.RETINANET.IN_FEATURES", list(s.RETINANET.IN_FEATURES), list(t.RETINANET.IN_FEATURES), "TBD")
