@@ -36,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--timing-images", type=int, default=20, help="validation images for inference ms/image")
     p.add_argument("--show-images", type=int, default=3,
                    help="validation images in the detections picture (teacher / plain / distilled; default 3)")
-    p.add_argument("--show-score", type=float, default=0.5, help="score threshold of the drawn detections")
+    p.add_argument("--show-score", type=float, default=0.3,
+                   help="score threshold of the drawn detections (0.3: the small students are under-confident)")
     p.add_argument("--teacher-weights", default="",
                    help="use this teacher checkpoint instead of training (or reusing) the quickstart teacher")
     lab.add_opts_argument(p, "extra config opts for the student runs and the teacher's evaluation")
