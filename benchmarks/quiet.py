@@ -14,9 +14,10 @@ program that imports it.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 
-__all__ = ["KNOWN_WARNINGS", "silence_third_party_warnings"]
+__all__ = ["KNOWN_LOG_NOTICES", "KNOWN_WARNINGS", "silence_third_party_warnings"]
 
 # (message regex, category, module regex): all three must match.
 KNOWN_WARNINGS = (
@@ -29,8 +30,32 @@ KNOWN_WARNINGS = (
 )
 
 
+# (logger name, message prefix): notices logged (not warned) by torch when detectron2
+# calls its APIs. torch.fx logs "is_fx_tracing will return true ..." once per process,
+# on the first model build, through its own logger (a glog-style ``W...`` line).
+KNOWN_LOG_NOTICES = (
+    ("torch.fx._symbolic_trace", "is_fx_tracing will return true for both fx.symbolic_trace and torch.export"),
+)
+
+
+class _DropKnownNotice(logging.Filter):
+    """Drops the records of one logger whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
 def silence_third_party_warnings() -> None:
     """Ignore the warnings of :data:`KNOWN_WARNINGS` in this process (and the data
-    loader workers it forks)."""
+    loader workers it forks), and drop the log records of :data:`KNOWN_LOG_NOTICES`
+    (only those: the same loggers' other records still show). Idempotent."""
     for message, category, module in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name, prefix in KNOWN_LOG_NOTICES:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownNotice) and f.prefix == prefix for f in log.filters):
+            log.addFilter(_DropKnownNotice(prefix))

@@ -1,5 +1,6 @@
 """benchmarks.quiet: the lab's entry points hide detectron2's known deprecation
-warnings (torch.jit.script, torch.meshgrid, pkg_resources), and nothing else."""
+warnings (torch.jit.script, torch.meshgrid, pkg_resources) and torch.fx's logged
+is_fx_tracing notice, and nothing else."""
 import os
 import subprocess
 import sys
@@ -20,6 +21,10 @@ build_model(cfg)  # Faster R-CNN: anchor generator (meshgrid), jit-scripted help
 exec(compile("warnings.warn('d2_distill own warning', FutureWarning)", "d2_distill/own.py", "exec"),
      {{"__name__": "d2_distill.own", "warnings": warnings}})
 warnings.warn("`torch.jit.script` is deprecated, said someone else", FutureWarning)
+import logging
+import torch.fx._symbolic_trace as fx_trace
+fx_trace.is_fx_tracing_warning()  # what a detectron2 model's first traced call logs
+logging.getLogger("torch.fx._symbolic_trace").warning("another torch.fx notice")
 """
 
 
@@ -35,6 +40,7 @@ def test_the_lab_silences_detectron2s_known_deprecations_only():
     noisy = _stderr("")  # the library alone changes no warning filter
     assert "torch/jit/_script.py" in noisy and "FutureWarning: `torch.jit.script` is deprecated" in noisy
     assert "d2_distill own warning" in noisy and "pkg_resources is deprecated" in noisy
+    assert "is_fx_tracing will return true" in noisy and "another torch.fx notice" in noisy
 
     quiet = _stderr("import benchmarks.demo  # the demo's import path installs the filters")
     lines = [line for line in quiet.splitlines() if "Warning:" in line]
@@ -42,6 +48,8 @@ def test_the_lab_silences_detectron2s_known_deprecations_only():
     assert not [line for line in lines if any(k in line for k in known)], lines
     assert any("d2_distill own warning" in line for line in lines), quiet  # our own warnings stay visible
     assert any("said someone else" in line for line in lines), quiet  # matched by message and module
+    assert "is_fx_tracing will return true" not in quiet  # torch.fx's logged notice is dropped ...
+    assert "another torch.fx notice" in quiet  # ... and only that record of its logger
 
 
 def test_repository_configs_are_plain_yaml(caplog):
