@@ -155,8 +155,8 @@ def markdown(summary: dict) -> str:
             elif c == "harmonious_ratio":
                 vals.append(f"{100 * v:.1f} %" + (f" ± {100 * sd:.1f}" if sd else ""))
             else:
-                vals.append(lab.fmt(v, digits=3 if c.startswith("mean_abs") else 2)
-                            + (f" ± {lab.fmt(sd)}" if sd else ""))
+                digits = 3 if c.startswith("mean_abs") else 2
+                vals.append(lab.fmt(v, digits=digits) + (f" ± {lab.fmt(sd, digits=digits)}" if sd else ""))
         note = f" (same run as {r['same_as']})" if "same_as" in r else ""
         lines.append(f"| {r['row']}{note} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
