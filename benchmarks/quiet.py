@@ -1,4 +1,4 @@
-"""Known third-party deprecation warnings, silenced at the lab's entry points.
+"""Known third-party deprecation warnings (and one torch log notice), silenced at the lab's entry points.
 
 detectron2 (upstream, April 2024) calls APIs that torch 2.14 and setuptools
 deprecate; its imports, model builds and traced forwards repeat the warnings,
