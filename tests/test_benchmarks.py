@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from benchmarks import ablation, demo, distill_gain, loss_gradients, setups, step_cost
+from benchmarks import ablation, demo, distill_gain, loss_gradients, setups, step_cost, teacher_seeds
 from d2_distill.engine import setup_cfg
 from helpers import ROOT, SMALL, cfg_for, fake_batch
 
@@ -424,3 +424,56 @@ def test_regime_pilot_tiny_waves(tmp_path, capsys, frcnn_teacher_weights):
     mtime = os.path.getmtime(tmp_path / "out" / "plain" / "results.json")
     regime_pilot.main(["--jobs", str(jobs), "--out", str(tmp_path / "out"), "--parallel", "1"])
     assert os.path.getmtime(tmp_path / "out" / "plain" / "results.json") == mtime  # reused
+
+
+# ---- teacher_seeds.py ------------------------------------------------------------
+def test_teacher_seeds_defaults():
+    a = teacher_seeds.parse_args([])
+    # the discovered setups' teacher configs, each once
+    assert a.teachers == ["faster_rcnn_R34_FPN_teacher", "retinanet_R34_FPN_teacher"]
+    assert a.teacher_configs["retinanet_R34_FPN_teacher"] == "configs/quickstart/retinanet_R34_FPN_teacher.yaml"
+    assert a.seeds == [0, 1, 2] and a.runs == "output/teachers"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--teachers", "resnet_teacher"], "--teachers: unknown resnet_teacher"),
+        (["--seeds", "2", "2"], "repeated seed"),
+        (["--seeds", "-3"], "--seeds must be >= 0"),
+        (["SOLVER.MAX_ITER"], "KEY VALUE"),
+    ],
+)
+def test_teacher_seeds_bad_args(capsys, argv, message):
+    _assert_usage_error(teacher_seeds.parse_args, argv, message, capsys)
+
+
+def test_teacher_seeds_tiny_run(tmp_path, capsys, monkeypatch, request):
+    monkeypatch.chdir(ROOT)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    out, runs = tmp_path / "teachers.json", tmp_path / "teachers"
+    tiny = [*TINY, "SOLVER.MAX_ITER", "1"]
+    argv = ["--teachers", "faster_rcnn_R34_FPN_teacher", "--seeds", "0", "1", "--runs", str(runs),
+            "--output", str(out), *tiny]
+    teacher_seeds.main(argv)
+    r = json.loads(out.read_text())["teachers"]["faster_rcnn_R34_FPN_teacher"]
+    assert [s["seed"] for s in r["per_seed"]] == [0, 1]
+    aps = [s["AP"] for s in r["per_seed"]]
+    assert r["mean"] == pytest.approx(sum(aps) / 2) and r["sd"] == pytest.approx(abs(aps[0] - aps[1]) / 2 ** 0.5)
+    assert r["max_abs_dev"] == pytest.approx(abs(aps[0] - aps[1]) / 2)
+    for s in r["per_seed"]:  # not the quickstart folder: the tiny opts make another config
+        assert s["run"] == os.path.join(str(runs), "faster_rcnn_R34_FPN_teacher", f"seed{s['seed']}")
+        assert f"SEED {s['seed']}" in s["command"]
+    assert "| faster_rcnn_R34_FPN_teacher |" in capsys.readouterr().out
+
+    # a folder trained with exactly this config is reused (as the quickstart teacher is), nothing trains;
+    # with another seed the config differs and the run cache's own folder is used
+    config, seed0 = "configs/quickstart/faster_rcnn_R34_FPN_teacher.yaml", r["per_seed"][0]["run"]
+    results = os.path.join(seed0, "results.json")
+    mtime = os.path.getmtime(results)
+    rec = teacher_seeds.train_seed(config, 0, str(tmp_path / "elsewhere"), tiny, quickstart=seed0)
+    assert rec["run"] == seed0 and os.path.getmtime(results) == mtime
+    rec = teacher_seeds.train_seed(config, 1, str(runs), tiny, quickstart=seed0)
+    assert rec["run"] == r["per_seed"][1]["run"] and rec["metrics"]["AP"] == pytest.approx(aps[1], nan_ok=True)

@@ -1,0 +1,125 @@
+"""Is the quickstart teacher representative? Each teacher trained with several seeds.
+
+    python -m benchmarks.teacher_seeds                                     # every quickstart teacher, seeds 0 1 2
+    python -m benchmarks.teacher_seeds --teachers retinanet_R34_FPN_teacher --seeds 1
+
+The lab distils every student from one teacher per pair: the quickstart teacher,
+trained with its config's ``SEED``. A benchmark regime is only worth something
+when another seed would give about the same teacher, so this script trains each
+teacher config (the distilled quickstart configs' ``DISTILL.TEACHER.CONFIG_FILE``,
+found like every lab script finds its setups) once per seed and evaluates it on
+the config's validation split.
+
+A seed whose merged config is exactly the quickstart teacher's (same
+fingerprint, see ``benchmarks.runs``) reuses the quickstart run and its
+``results.json``; any other seed trains into ``<runs>/<teacher stem>/seed<S>``
+through the run cache (a finished run is never repeated). Prints AP per seed,
+mean ± sample sd and the largest distance of a seed from the mean; writes all of
+it to ``--output`` (JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Dict, List
+
+from . import setups as lab
+from .runs import fingerprint, setup_logging
+
+METRIC = "AP"
+
+
+def teacher_configs() -> Dict[str, str]:
+    """{file stem: repository-relative path} of the discovered setups' teacher configs."""
+    out = {}
+    for found in lab.discover_setups().values():
+        for s in found:
+            out[os.path.splitext(os.path.basename(s.teacher_config))[0]] = s.teacher_config
+    return dict(sorted(out.items()))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    found = teacher_configs()
+    p.add_argument("--teachers", nargs="+", default=list(found), metavar="TEACHER",
+                   help=f"teacher configs by file stem, any of {', '.join(found)} (default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
+                   help="training seeds (default 0 1 2)")
+    p.add_argument("--runs", default="output/teachers", help="folder of the teachers of other seeds")
+    p.add_argument("--output", default="output/benchmarks/teacher_seeds.json", help="JSON written here")
+    lab.add_opts_argument(p, "extra config opts for every teacher run")
+    args = p.parse_args(argv)
+    lab.check_opts(p, args)
+    args.teachers = lab.check_choices(p, "--teachers", args.teachers, list(found))
+    args.teacher_configs = {t: found[t] for t in args.teachers}
+    lab.check_seeds(p, args.seeds)
+    return args
+
+
+def train_seed(config_file: str, seed: int, runs: str, opts: List[str], quickstart: str = "") -> Dict:
+    """One teacher seed: the run in ``quickstart`` (default: the config's own
+    OUTPUT_DIR, where the demo trains it) when it was trained with exactly this
+    config (the fingerprint ignores OUTPUT_DIR), else a run of the run cache."""
+    from d2_distill.engine import setup_cfg
+
+    from .runs import train_and_evaluate
+
+    run_opts = ["SEED", str(seed), *opts]
+    quickstart = quickstart or setup_cfg(config_file).OUTPUT_DIR
+    results = os.path.join(quickstart, "results.json")
+    if os.path.isfile(results):
+        with open(results) as f:
+            cached = json.load(f)
+        if cached.get("fingerprint") == fingerprint(setup_cfg(config_file, run_opts)):
+            return {**cached, "run": quickstart}
+    folder = os.path.join(runs, os.path.splitext(os.path.basename(config_file))[0], f"seed{seed}")
+    return {**train_and_evaluate(config_file, run_opts, folder), "run": folder}
+
+
+def run(args) -> Dict:
+    lab.check_repo_root()
+    summary = {"metric": METRIC, "seeds": list(args.seeds), "opts": list(args.opts),
+               "sd": "sample standard deviation over seeds (n - 1); 0 for one seed", "teachers": {}}
+    for name, config_file in args.teacher_configs.items():
+        per_seed = []
+        for seed in args.seeds:
+            rec = train_seed(config_file, seed, args.runs, list(args.opts))
+            per_seed.append({"seed": seed, METRIC: rec["metrics"].get(METRIC, float("nan")),
+                             "run": rec["run"], "command": rec["command"]})
+        values = [s[METRIC] for s in per_seed]
+        mean, sd = lab.mean_sd(values)
+        summary["teachers"][name] = {
+            "config": config_file, "mean": mean, "sd": sd,
+            "max_abs_dev": max(abs(v - mean) for v in values), "per_seed": per_seed,
+        }
+    return summary
+
+
+def markdown(summary: Dict) -> str:
+    f = lab.fmt
+    lines = [
+        f"{summary['metric']} on the built-in validation split, seeds {' '.join(map(str, summary['seeds']))} "
+        "(mean ± sample sd; max |dev| = the largest distance of a seed from the mean)",
+        "",
+        "| teacher | per seed | mean ± sd | max abs dev |",
+        "|---|---|---|---|",
+    ]
+    for name, r in summary["teachers"].items():
+        per = ", ".join(f"{f(s[summary['metric']])} (seed {s['seed']})" for s in r["per_seed"])
+        lines.append(f"| {name} | {per} | {f(r['mean'])} ± {f(r['sd'])} | {f(r['max_abs_dev'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logging()
+    summary = run(args)
+    lab.write_json(args.output, summary)
+    print(markdown(summary))
+    print(f"\nwritten {args.output}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
