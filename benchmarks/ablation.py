@@ -10,7 +10,10 @@ rows (decay, gates, weights, ...); ``--baselines`` adds the full rows of every
 other method on the same student architecture. Trains the teacher first if its
 checkpoint is missing, then every row for every seed on the same schedule,
 evaluates each with COCOEvaluator and the harmony evaluator, and prints a
-markdown table of mean ± sample sd over the seeds; writes
+markdown table of mean ± sample sd over the seeds, AP per seed and, when the
+plain student is among the rows, each row's paired difference with the plain
+student of the same seed (per seed, mean ± sd, better on every seed) and the
+teacher–plain gap it closes, (row − plain) / (teacher − plain) on the means; writes
 ``<output>/ablation_<config>.json``. Finished runs are reused; rows whose merged
 config is the same (e.g. an extra row that restates a default) share one run.
 """
@@ -133,21 +136,49 @@ def run(args) -> dict:
             entry.update({k: v for k, v in done[entry["same_as"]].items() if k not in ("row", "config")})
     table.append({"row": "teacher", "config": setup.teacher_config, "weights": teacher,
                   **lab.evaluate_teacher(setup, teacher, args.opts)})
+    compare_with_plain(table)
     return {"method": setup.method, "config": setup.config, "iters": iters, "seeds": list(args.seeds),
             "columns": list(COLUMNS), "sd": "sample standard deviation over seeds (n - 1); 0 for one seed",
             "rows": table}
 
 
+def compare_with_plain(table) -> None:
+    """Add to every trained row (not the plain student's) ``vs_plain_per_seed`` (its AP
+    minus the plain student's AP of the same seed), ``vs_plain`` / ``vs_plain_sd``
+    (mean and sample sd of those), ``better_every_seed`` and ``gap_closed_pct``
+    ((row − plain) / (teacher − plain) on the means, NaN without a teacher above the
+    plain student). Nothing is added when the plain student is not in ``table``."""
+    plain = next((r for r in table if r["row"] == "plain student" and "per_seed" in r), None)
+    teacher = next((r for r in table if r["row"] == "teacher"), {})
+    if plain is None:
+        return
+    plain_ap = {s["seed"]: s.get("AP") for s in plain["per_seed"]}
+    for r in table:
+        if r is plain or "per_seed" not in r:
+            continue
+        diffs = [s.get("AP", float("nan")) - plain_ap.get(s["seed"], float("nan")) for s in r["per_seed"]]
+        r["vs_plain_per_seed"] = diffs
+        r["vs_plain"], r["vs_plain_sd"] = lab.mean_sd(diffs)
+        r["better_every_seed"] = all(d > 0 for d in diffs)  # NaN compares False
+        r["gap_closed_pct"] = lab.gap_closed(r["AP"], plain["AP"], teacher.get("AP", float("nan")))
+
+
 def markdown(summary: dict) -> str:
     cols = [c for c in summary["columns"] if any(c in r for r in summary["rows"])]
+    paired = any("vs_plain" in r for r in summary["rows"])
+    extra = ["vs plain per seed", "vs plain", "better on every seed", "gap closed"] if paired else []
+    head = ["AP per seed"] + cols + extra
     lines = [f"{summary['method']} ({summary['config']}), {summary['iters']} iterations, seeds "
-             f"{' '.join(map(str, summary['seeds']))}: mean ± sample sd", "",
-             "| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+             f"{' '.join(map(str, summary['seeds']))}: mean ± sample sd"
+             + ("; vs plain = the paired difference with the plain student of the same seed; gap closed = "
+                "(row − plain) / (teacher − plain) on the means" if paired else ""), "",
+             "| row | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for r in summary["rows"]:
         if "skipped" in r:
-            lines.append(f"| {r['row']} | " + " | ".join("-" for _ in cols) + f" |  ({r['skipped']})")
+            lines.append(f"| {r['row']} | " + " | ".join("-" for _ in head) + f" |  ({r['skipped']})")
             continue
-        vals = []
+        per_seed = r.get("per_seed", [])
+        vals = [", ".join(lab.fmt(s.get("AP")) for s in per_seed) or "-"]
         for c in cols:
             v, sd = r.get(c), r.get(f"{c}_sd")
             if v is None:
@@ -157,6 +188,13 @@ def markdown(summary: dict) -> str:
             else:
                 digits = 3 if c.startswith("mean_abs") else 2
                 vals.append(lab.fmt(v, digits=digits) + (f" ± {lab.fmt(sd, digits=digits)}" if sd else ""))
+        if paired:
+            if "vs_plain" in r:
+                vals += [", ".join(lab.fmt(d, signed=True) for d in r["vs_plain_per_seed"]),
+                         f"{lab.fmt(r['vs_plain'], signed=True)} ± {lab.fmt(r['vs_plain_sd'])}",
+                         "yes" if r["better_every_seed"] else "no", f"{lab.fmt(r['gap_closed_pct'], signed=True, digits=0)} %"]
+            else:
+                vals += ["" for _ in extra]
         note = f" (same run as {r['same_as']})" if "same_as" in r else ""
         lines.append(f"| {r['row']}{note} | " + " | ".join(vals) + " |")
     return "\n".join(lines)

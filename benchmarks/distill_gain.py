@@ -76,10 +76,7 @@ def parse_args(argv=None):
     return args
 
 
-def gap_closed(distilled: float, plain: float, teacher: float) -> float:
-    """(distilled − plain) / (teacher − plain) in %; NaN when the teacher is not above the plain student."""
-    gap = teacher - plain
-    return 100.0 * (distilled - plain) / gap if gap > 0 else float("nan")
+gap_closed = lab.gap_closed  # (distilled − plain) / (teacher − plain), %
 
 
 def compare(setup, args, teacher: str) -> Dict:

@@ -263,6 +263,13 @@ def mean_sd(values: Sequence[Optional[float]]):
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
+def gap_closed(row: float, plain: float, teacher: float) -> float:
+    """(row − plain) / (teacher − plain) in %: the share of the teacher–student gap a
+    distilled student closes; NaN when the teacher is not above the plain student."""
+    gap = teacher - plain
+    return 100.0 * (row - plain) / gap if gap > 0 else float("nan")
+
+
 def fmt(v: Optional[float], signed: bool = False, digits: int = 2) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "nan"

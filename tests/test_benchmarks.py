@@ -344,9 +344,37 @@ def test_ablation_tiny_run(tmp_path, capsys, monkeypatch, retina_teacher_weights
         assert "harmonious_ratio" in r
     assert "DISTILL.TBD.TFD_WEIGHT 0.0" in rows["+ HD"]["per_seed"][0]["command"]
     assert "AP" in rows["teacher"]
+    # each row against the plain student of the same seed, and the gap to the teacher it closes
+    hd, plain = rows["+ HD"], rows["plain student"]
+    diffs = [a["AP"] - b["AP"] for a, b in zip(hd["per_seed"], plain["per_seed"])]
+    assert hd["vs_plain_per_seed"] == pytest.approx(diffs, nan_ok=True)
+    assert hd["vs_plain"] == pytest.approx(sum(diffs) / 2, nan_ok=True)
+    assert hd["better_every_seed"] == all(d > 0 for d in diffs)
+    assert hd["gap_closed_pct"] == pytest.approx(
+        distill_gain.gap_closed(hd["AP"], plain["AP"], rows["teacher"]["AP"]), nan_ok=True)
+    assert "vs_plain" not in plain
     assert json.loads((out / "ablation_tbd_retinanet.json").read_text())["seeds"] == [0, 1]
     printed = capsys.readouterr().out
-    assert "| + HD |" in printed and "mean ± sample sd" in printed
+    assert "| + HD |" in printed and "mean ± sample sd" in printed and "| vs plain per seed |" in printed
+    hd_line = next(line for line in printed.splitlines() if line.startswith("| + HD |"))
+    assert ", ".join(f"{s['AP']:.2f}" for s in hd["per_seed"]) in hd_line  # AP per seed
+
+
+def test_ablation_compare_with_plain_by_hand():
+    """Hand-computed: plain 10 / 12, a row 13 / 12 (+3, 0), teacher 30 -> gap (12.5 - 11) / 19."""
+    table = [
+        {"row": "plain student", "AP": 11.0, "per_seed": [{"seed": 0, "AP": 10.0}, {"seed": 1, "AP": 12.0}]},
+        {"row": "full X", "AP": 12.5, "per_seed": [{"seed": 0, "AP": 13.0}, {"seed": 1, "AP": 12.0}]},
+        {"row": "full Y", "skipped": "needs DISTILL.Y"},
+        {"row": "teacher", "AP": 30.0},
+    ]
+    ablation.compare_with_plain(table)
+    x = table[1]
+    assert x["vs_plain_per_seed"] == [3.0, 0.0] and x["vs_plain"] == 1.5
+    assert x["vs_plain_sd"] == pytest.approx(2 ** 0.5 * 1.5)  # sample sd of 3 and 0
+    assert x["better_every_seed"] is False  # not better on seed 1
+    assert x["gap_closed_pct"] == pytest.approx(100 * 1.5 / 19)
+    assert "vs_plain" not in table[0] and "vs_plain" not in table[2]
 
 
 # ---- loss_gradients.py -----------------------------------------------------------
