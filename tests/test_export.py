@@ -370,3 +370,28 @@ def test_cli_plain_checkpoint(frcnn_teacher_weights, tmp_path):
     assert proc.returncode != 0
     assert "is not a distiller checkpoint" in proc.stderr
     assert "a plain detectron2 checkpoint needs no export" in proc.stderr
+
+
+def test_default_predictor_loads_an_exported_student_into_a_distiller_config(distilled):
+    """DefaultPredictor given the distiller config and the exported (plain) student:
+    the student-only distiller it builds holds exactly the exported tensors."""
+    from detectron2.engine import DefaultPredictor
+
+    cfg = setup_cfg(distilled.config_file, EXPORT_OPTS + ["MODEL.WEIGHTS", distilled.weights])
+    predictor = DefaultPredictor(cfg)
+    assert type(predictor.model).__name__ == "Distiller" and predictor.model.method is None
+    saved = torch.load(distilled.weights, map_location="cpu", weights_only=True)["model"]
+    student = predictor.model.student.state_dict()
+    assert set(student) == set(saved)
+    assert all(torch.equal(student[k], saved[k]) for k in saved)
+    assert all(torch.equal(student[k], v) for k, v in distilled.model.student.state_dict().items())
+
+
+def test_a_plain_checkpoint_of_another_model_is_not_loaded_silently(frcnn_distilled, frcnn_teacher_weights):
+    """The R34 teacher's plain checkpoint has the student's keys with other shapes: an error."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    model = build_model(setup_cfg(frcnn_distilled.config_file, EXPORT_OPTS))
+    with pytest.raises(RuntimeError, match="size mismatch for student"):
+        DetectionCheckpointer(model).load(frcnn_teacher_weights)

@@ -104,6 +104,7 @@ class Distiller(nn.Module):
         self.schedule = schedule
         self.input_format = input_format
         self.size_divisibility = 1
+        self._register_load_state_dict_pre_hook(_plain_student_state_into_student, with_module=True)
         self.register_load_state_dict_post_hook(_ignore_method_state_without_method)
         if teacher is not None or method is not None:
             self.attach(teacher, method)
@@ -177,6 +178,28 @@ class Distiller(nn.Module):
         for name, value in distill_losses.items():
             losses[name] = value * r
         return losses
+
+
+def _plain_student_state_into_student(
+    module: Distiller, state_dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
+    """A plain detectron2 checkpoint of the student's model (what ``d2_distill.export``
+    writes: keys without ``student.``) loads into the distiller's student, so that
+    DefaultPredictor given a distiller config and an exported student evaluates that
+    student instead of a random one. A distiller checkpoint (any ``student.*`` or
+    ``method.*`` key) is left as it is. Keys that the student does not have stay
+    unexpected, and tensors of another shape fail in ``load_state_dict``."""
+    own = [k for k in state_dict if k.startswith(prefix)]
+    inner = prefix + "student."
+    if not own or any(k.startswith(inner) or k.startswith(prefix + METHOD_PREFIX) for k in own):
+        return
+    student_keys = set(module.student.state_dict())
+    plain = [k for k in own if k[len(prefix):] in student_keys]
+    for k in plain:
+        state_dict[inner + k[len(prefix):]] = state_dict.pop(k)
+    if plain:
+        logger.info("Checkpoint is a plain %s: loading it into the distiller's student (%d tensors)",
+                    type(module.student).__name__, len(plain))
 
 
 def _ignore_method_state_without_method(module: Distiller, incompatible) -> None:
