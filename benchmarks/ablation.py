@@ -205,9 +205,7 @@ def main(argv=None):
     setup_logging()
     summary = run(args)
     path = os.path.join(args.output, f"ablation_{args.setup.key}.json")
-    lab.write_json(path, summary)
-    print(markdown(summary))
-    print(f"\nwritten {path}")
+    lab.report(path, summary, markdown(summary))
     return summary
 
 

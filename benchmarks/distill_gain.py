@@ -139,9 +139,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logging()
     summary = run(args)
-    lab.write_json(args.output, summary)
-    print(markdown(summary))
-    print(f"\nwritten {args.output}")
+    lab.report(args.output, summary, markdown(summary))
     return summary
 
 

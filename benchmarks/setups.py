@@ -287,6 +287,14 @@ def json_safe(x):
     return x
 
 
+def report(path: str, summary, table: str) -> None:
+    """What a lab script ends with: ``summary`` as strict JSON to ``path``, then its
+    markdown ``table`` and where the JSON went on stdout."""
+    write_json(path, summary)
+    print(table)
+    print(f"\nwritten {path}")
+
+
 def write_json(path: str, obj) -> None:
     import json
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import tempfile
@@ -542,12 +541,7 @@ def markdown(summary: Dict) -> str:
 def main(argv=None):
     args = parse_args(argv)
     summary = run(args)
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(summary, f, indent=1)
-    print(markdown(summary))
-    print(f"\nwritten {args.output}")
+    lab.report(args.output, summary, markdown(summary))
     return summary
 
 
