@@ -104,7 +104,7 @@ class Distiller(nn.Module):
         self.schedule = schedule
         self.input_format = input_format
         self.size_divisibility = 1
-        self._register_load_state_dict_pre_hook(_plain_student_state_into_student, with_module=True)
+        self.register_load_state_dict_pre_hook(_plain_student_state_into_student)
         self.register_load_state_dict_post_hook(_ignore_method_state_without_method)
         if teacher is not None or method is not None:
             self.attach(teacher, method)
