@@ -3,6 +3,7 @@
     python -m benchmarks.ablation --method tar --seeds 0 1 2
     python -m benchmarks.ablation --method tbd --baselines
     python -m benchmarks.ablation --method pkd --config pkd_retinanet --rows "plain student" "full PKD"
+    python -m benchmarks.ablation --method tar --seeds 0 --evaluate-on shapes_tune   # choose settings
 
 Rows (``benchmarks.setups.ablation_rows``): the plain student, ``+ <component>``
 for each of the method's components, the full method and the method's extra
@@ -16,12 +17,15 @@ student of the same seed (per seed, mean ± sd, better on every seed) and the
 teacher–plain gap it closes, (row − plain) / (teacher − plain) on the means; writes
 ``<output>/ablation_<config>.json``. Finished runs are reused; rows whose merged
 config is the same (e.g. an extra row that restates a default) share one run.
+``--evaluate-on shapes_tune`` evaluates the same runs (and the teacher) on the
+tuning split instead (``ablation_<config>_on_shapes_tune.json``): settings are
+chosen on that table, results reported from the default one, with no run trained twice.
 """
 import argparse
 import os
 
 from . import setups as lab
-from .runs import fingerprint, setup_logging
+from .runs import evaluate_on, fingerprint, setup_logging
 
 COLUMNS = ("AP", "AP50", "AP75", "harmonious_ratio", "mean_abs_gap")
 
@@ -40,12 +44,23 @@ def parse_args(argv=None):
     p.add_argument("--baselines", action="store_true",
                    help="also the full rows of the other methods with a config for this student architecture")
     p.add_argument("--teacher-weights", default="", help="use this teacher checkpoint instead of the quickstart's")
+    p.add_argument("--evaluate-on", default="", metavar="SPLIT",
+                   help="evaluate every run (and the teacher) on this split instead of the config's "
+                        "DATASETS.TEST, e.g. shapes_tune to choose settings: the runs themselves are "
+                        "the same (trained once, cached), only their evaluation differs")
+    lab.add_jobs_argument(p)
     lab.add_opts_argument(p, "extra config opts for every student run")
     args = p.parse_args(argv)
     lab.check_opts(p, args)
     lab.check_positive(p, "--iters", args.iters)
+    lab.check_positive(p, "--jobs", args.jobs)
     lab.check_seeds(p, args.seeds)
     lab.check_file(p, "--teacher-weights", args.teacher_weights)
+    if args.evaluate_on:
+        from d2_distill.data import SPLITS
+
+        if args.evaluate_on not in SPLITS:
+            p.error(f"--evaluate-on: unknown split {args.evaluate_on!r}; valid: {', '.join(sorted(SPLITS))}")
     try:
         args.setup = lab.find_setup(found, args.method, args.config)
     except KeyError as e:
@@ -118,6 +133,8 @@ def run(args) -> dict:
     setup, iters = args.setup, args.iters
     teacher = lab.ensure_teacher(setup, args.teacher_weights)
     table = resolve(plan(args), args, teacher)
+    lab.train_parallel([(e["row_obj"], args.output, iters, seed, teacher, args.opts)
+                        for e in table if "row_obj" in e for seed in args.seeds], args.jobs)
     done = {}
     for entry in table:
         row = entry.pop("row_obj", None)
@@ -126,18 +143,24 @@ def run(args) -> dict:
         entry["per_seed"] = []
         for seed in args.seeds:
             rec = lab.train_row(row, args.output, iters, seed, teacher, args.opts)
+            metrics = evaluate_on(rec, args.evaluate_on) if args.evaluate_on else rec["metrics"]
             entry["per_seed"].append({"seed": seed, "run": rec["run"], "command": rec["command"],
-                                      "train_seconds": rec["train_seconds"], **rec["metrics"]})
+                                      "train_seconds": rec["train_seconds"], **metrics})
         for c in COLUMNS:
             entry[c], entry[f"{c}_sd"] = lab.mean_sd([s.get(c) for s in entry["per_seed"]])
         done[entry["row"]] = entry
     for entry in table:
         if "same_as" in entry:
             entry.update({k: v for k, v in done[entry["same_as"]].items() if k not in ("row", "config")})
+    on = ["DATASETS.TEST", f"('{args.evaluate_on}',)"] if args.evaluate_on else []
     table.append({"row": "teacher", "config": setup.teacher_config, "weights": teacher,
-                  **lab.evaluate_teacher(setup, teacher, args.opts)})
+                  **lab.evaluate_teacher(setup, teacher, list(args.opts) + on)})
     compare_with_plain(table)
+    from d2_distill.engine import setup_cfg
+
+    dataset = setup_cfg(os.path.join(lab.ROOT, setup.config), list(args.opts) + on).DATASETS.TEST[0]
     return {"method": setup.method, "config": setup.config, "iters": iters, "seeds": list(args.seeds),
+            "dataset": dataset,
             "columns": list(COLUMNS), "sd": "sample standard deviation over seeds (n - 1); 0 for one seed",
             "rows": table}
 
@@ -168,7 +191,8 @@ def markdown(summary: dict) -> str:
     paired = any("vs_plain" in r for r in summary["rows"])
     extra = ["vs plain per seed", "vs plain", "better on every seed", "gap closed"] if paired else []
     head = ["AP per seed"] + cols + extra
-    lines = [f"{summary['method']} ({summary['config']}), {summary['iters']} iterations, seeds "
+    lines = [f"{summary['method']} ({summary['config']}), {summary['iters']} iterations, "
+             f"AP on {summary.get('dataset', '?')}, seeds "
              f"{' '.join(map(str, summary['seeds']))}: mean ± sample sd"
              + ("; vs plain = the paired difference with the plain student of the same seed; gap closed = "
                 "(row − plain) / (teacher − plain) on the means" if paired else ""), "",
@@ -204,7 +228,8 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logging()
     summary = run(args)
-    path = os.path.join(args.output, f"ablation_{args.setup.key}.json")
+    on = f"_on_{args.evaluate_on}" if args.evaluate_on else ""
+    path = os.path.join(args.output, f"ablation_{args.setup.key}{on}.json")
     lab.report(path, summary, markdown(summary))
     return summary
 

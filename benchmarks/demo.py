@@ -40,6 +40,7 @@ def parse_args(argv=None):
                    help="score threshold of the drawn detections (0.3: the small students are under-confident)")
     p.add_argument("--teacher-weights", default="",
                    help="use this teacher checkpoint instead of training (or reusing) the quickstart teacher")
+    lab.add_jobs_argument(p)
     lab.add_opts_argument(p, "extra config opts for the student runs and the teacher's evaluation")
     args = p.parse_args(argv)
     lab.check_opts(p, args)
@@ -47,6 +48,7 @@ def parse_args(argv=None):
     lab.check_positive(p, "--timing-images", args.timing_images)
     lab.check_positive(p, "--show-images", args.show_images)
     lab.check_positive(p, "--iters", args.iters)
+    lab.check_positive(p, "--jobs", args.jobs)
     try:
         args.setup = lab.find_setup(found, args.method, args.config)
     except KeyError as e:
@@ -189,6 +191,11 @@ def main(argv=None):
     print(f"[demo] 1/4 teacher ({setup.teacher_config})", flush=True)
     teacher = lab.ensure_teacher(setup, args.teacher_weights)
     plain_row, full_row = lab.plain_row(setup), lab.full_row(setup)
+    if args.jobs > 1:
+        print(f"[demo] 2-3/4 plain and {name} students side by side ({iters} iterations, --jobs {args.jobs})",
+              flush=True)
+        lab.train_parallel([(row, args.output, iters, args.seed, teacher, extra) for row in (plain_row, full_row)],
+                           args.jobs)
     print(f"[demo] 2/4 plain student ({setup.plain_config}, {iters} iterations)", flush=True)
     plain = lab.train_row(plain_row, args.output, iters, args.seed, teacher, extra)
     print(f"[demo] 3/4 {name} student ({setup.config}, {iters} iterations)", flush=True)

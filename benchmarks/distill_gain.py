@@ -65,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher-weights", action="append", default=[], metavar="[METHOD=]PATH",
                    help="use this teacher checkpoint instead of the quickstart teacher (METHOD=PATH or "
                         "CONFIG=PATH, e.g. pkd_retinanet=t.pth; PATH alone with a single config; repeatable)")
+    lab.add_jobs_argument(p)
     lab.add_opts_argument(p, "extra config opts for every student run and the teacher's evaluation")
     args = p.parse_args(argv)
     lab.check_opts(p, args)
@@ -72,6 +73,7 @@ def parse_args(argv=None):
     args.setups = [s for m in args.methods for s in found[m]]
     lab.check_seeds(p, args.seeds)
     lab.check_positive(p, "--iters", args.iters)
+    lab.check_positive(p, "--jobs", args.jobs)
     args.teacher_weights = _parse_teacher_weights(p, args.teacher_weights, args.setups, found)
     return args
 
@@ -108,9 +110,12 @@ def run(args) -> Dict:
     summary = {"metric": METRIC, "seeds": list(args.seeds), "runs": args.runs, "opts": list(args.opts),
                "sd": "sample standard deviation over seeds (n - 1); 0 for one seed",
                "gap_closed": "(distilled - plain) / (teacher - plain), %", "configs": {}}
+    teachers = {s.key: lab.ensure_teacher(s, args.teacher_weights.get(s.key, "")) for s in args.setups}
+    lab.train_parallel([(row, args.runs, args.iters or lab.default_iters(s), seed, teachers[s.key], args.opts)
+                        for s in args.setups for seed in args.seeds for row in (lab.plain_row(s), lab.full_row(s))],
+                       args.jobs)
     for s in args.setups:
-        teacher = lab.ensure_teacher(s, args.teacher_weights.get(s.key, ""))
-        summary["configs"][s.key] = compare(s, args, teacher)
+        summary["configs"][s.key] = compare(s, args, teachers[s.key])
     return summary
 
 

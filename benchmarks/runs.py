@@ -30,7 +30,7 @@ from d2_distill.data import DATASET_VERSION
 from d2_distill.engine import DistillTrainer, setup_cfg
 
 __all__ = [
-    "train_and_evaluate", "evaluate", "ensure_trained", "flat_metrics", "fingerprint", "source_digest",
+    "train_and_evaluate", "evaluate", "evaluate_on", "ensure_trained", "flat_metrics", "fingerprint", "source_digest",
     "setup_logging",
 ]
 
@@ -180,6 +180,31 @@ def evaluate(config_file: str, opts: Sequence[str], weights: str) -> Dict[str, f
     model = DistillTrainer.build_model(cfg)
     DetectionCheckpointer(model).load(weights)
     return flat_metrics(DistillTrainer.test(cfg, model))
+
+
+def evaluate_on(record: Dict, dataset: str) -> Dict[str, float]:
+    """Metrics of a finished run's final weights on another ``dataset`` (no training):
+    the run's own config file and opts, with ``DATASETS.TEST`` replaced. One
+    training thus serves a tuning split and the reported split. The result is
+    cached beside the run, ``eval_<dataset>.json``, under the run's fingerprint: a
+    run retrained since (another fingerprint) is evaluated again.
+
+    ``record``: what :func:`train_and_evaluate` returned (``config_file``, ``opts``
+    with the run's ``OUTPUT_DIR``, ``fingerprint``)."""
+    opts = list(record["opts"])
+    folder = opts[max(i for i, o in enumerate(opts[:-1]) if o == "OUTPUT_DIR") + 1]  # the last one wins
+    path = os.path.join(folder, f"eval_{dataset}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("fingerprint") == record["fingerprint"]:
+            logger.info("Reusing %s", path)
+            return cached["metrics"]
+    opts += ["DATASETS.TEST", f"('{dataset}',)", "OUTPUT_DIR", os.path.join(folder, f"eval_{dataset}")]
+    metrics = evaluate(record["config_file"], opts, os.path.join(folder, "model_final.pth"))
+    with open(path, "w") as f:
+        json.dump({"dataset": dataset, "fingerprint": record["fingerprint"], "metrics": metrics}, f, indent=1)
+    return metrics
 
 
 def _trained_with(folder: str) -> Optional[str]:

@@ -265,12 +265,17 @@ def test_detection_loss_excludes_the_methods_declared_losses():
 
 
 def test_demo_tiny_run(tmp_path, capsys, monkeypatch, frcnn_teacher_weights):
-    """The user's path: plain and TAR students on one schedule, the table, the figure."""
+    """The user's path: plain and TAR students on one schedule, the table, the figure.
+    With --jobs 2 both students train side by side in worker processes (training in
+    this process is made to fail; the one-at-a-time path is the ablation's tests')."""
+    from d2_distill.engine import DistillTrainer
+
     monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(DistillTrainer, "train", lambda self: pytest.fail("trained in the main process"))
     out = tmp_path / "runs"
     result = demo.main([
         "--iters", "2", "--output", str(out), "--teacher-weights", frcnn_teacher_weights, "--timing-images", "2",
-        "--show-images", "2", "--show-score", "0.0", *TINY,
+        "--show-images", "2", "--show-score", "0.0", "--jobs", "2", *TINY,
     ])
     rows = {r["model"]: r for r in result["rows"]}
     assert list(rows) == ["teacher", "plain student", "TAR student"]
@@ -286,7 +291,7 @@ def test_demo_tiny_run(tmp_path, capsys, monkeypatch, frcnn_teacher_weights):
     saved = json.loads((out / "demo_tar_faster_rcnn.json").read_text())
     assert [r["model"] for r in saved["rows"]] == list(rows) and saved["iters"] == 2
     printed = capsys.readouterr().out
-    assert "| TAR student |" in printed and "[demo] 4/4" in printed
+    assert "| TAR student |" in printed and "[demo] 4/4" in printed and "side by side" in printed
     assert os.path.isfile(out / "faster_rcnn_R18_FPN_student" / "iters2_seed0" / "plain_student" / "model_final.pth")
     assert os.path.isfile(out / "tar_faster_rcnn" / "iters2_seed0" / "full_TAR" / "model_final.pth")
 
@@ -300,6 +305,7 @@ def test_demo_tiny_run(tmp_path, capsys, monkeypatch, frcnn_teacher_weights):
         (["--method", "tar", "--iters", "0"], "--iters must be positive"),
         (["--method", "tar", "--config", "nope"], "not a config of tar"),
         (["--method", "tar", "SOLVER.MAX_ITER"], "KEY VALUE"),
+        (["--method", "tar", "--evaluate-on", "shapes_nope"], "unknown split 'shapes_nope'; valid: shapes_mini_train"),
     ],
 )
 def test_ablation_bad_args(capsys, argv, message):
@@ -505,3 +511,72 @@ def test_teacher_seeds_tiny_run(tmp_path, capsys, monkeypatch, request):
     assert rec["run"] == seed0 and os.path.getmtime(results) == mtime
     rec = teacher_seeds.train_seed(config, 1, str(runs), tiny, quickstart=seed0)
     assert rec["run"] == r["per_seed"][1]["run"] and rec["metrics"]["AP"] == pytest.approx(aps[1], nan_ok=True)
+
+
+def test_ablation_evaluate_on_reuses_the_runs(tmp_path, capsys, monkeypatch, retina_teacher_weights):
+    """--evaluate-on: the runs of the default table, not retrained, evaluated on another
+    split (every image of it), the teacher too; the evaluation is cached beside the run."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "runs"
+    opts = [*TINY, "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]
+    argv = ["--method", "tbd", "--iters", "1", "--seeds", "0", "--output", str(out),
+            "--teacher-weights", retina_teacher_weights, "--rows", "plain student"]
+    on_train = ["--evaluate-on", "shapes_mini_train", "--", *opts]
+    default = ablation.main(argv + ["--", *opts])
+    assert default["dataset"] == "shapes_mini_val"
+    run = default["rows"][0]["per_seed"][0]["run"]
+    trained = os.path.getmtime(os.path.join(run, "results.json"))
+
+    tune = ablation.main(argv + on_train)
+    assert tune["dataset"] == "shapes_mini_train"
+    assert tune["rows"][0]["per_seed"][0]["run"] == run
+    assert os.path.getmtime(os.path.join(run, "results.json")) == trained  # not retrained
+    cached = json.loads(open(os.path.join(run, "eval_shapes_mini_train.json")).read())
+    record = json.loads(open(os.path.join(run, "results.json")).read())
+    assert cached["fingerprint"] == record["fingerprint"]
+    assert cached["metrics"]["AP"] == tune["rows"][0]["AP"]
+    predictions = json.loads(open(os.path.join(run, "eval_shapes_mini_train", "inference", "coco_instances_results.json")).read())
+    from detectron2.data import DatasetCatalog
+
+    assert {p["image_id"] for p in predictions} == {d["image_id"] for d in DatasetCatalog.get("shapes_mini_train")}
+    expected = setups.evaluate_teacher(ablation.parse_args(argv).setup, retina_teacher_weights,
+                                       opts + ["DATASETS.TEST", "('shapes_mini_train',)"])
+    assert tune["rows"][-1]["row"] == "teacher" and tune["rows"][-1]["AP"] == pytest.approx(expected["AP"], nan_ok=True)
+    assert os.path.isfile(out / "ablation_tbd_retinanet_on_shapes_mini_train.json")
+    assert "AP on shapes_mini_train" in capsys.readouterr().out
+
+    evaluated = os.path.getmtime(os.path.join(run, "eval_shapes_mini_train.json"))
+    again = ablation.main(argv + on_train)
+    assert os.path.getmtime(os.path.join(run, "eval_shapes_mini_train.json")) == evaluated  # cached
+    assert again["rows"][0]["AP"] == tune["rows"][0]["AP"]
+
+
+def test_distill_gain_jobs_trains_in_worker_processes(tmp_path, monkeypatch, frcnn_teacher_weights):
+    """--jobs 2: every run is trained in a worker process (training in this process is
+    made to fail), the records are the same runs as one at a time would make (same
+    seed, same weights up to float rounding of another thread count), and a failing run
+    names its folder."""
+    from d2_distill.engine import DistillTrainer
+
+    monkeypatch.chdir(ROOT)
+    argv = ["--methods", "tar", "--seeds", "0", "--iters", "1", "--teacher-weights", f"tar={frcnn_teacher_weights}"]
+    distill_gain.main(argv + ["--runs", str(tmp_path / "one"), "--output", str(tmp_path / "one.json"), *TINY])
+
+    def refuse(self):
+        raise AssertionError("trained in the main process")
+
+    monkeypatch.setattr(DistillTrainer, "train", refuse)
+    two = distill_gain.main(argv + ["--jobs", "2", "--runs", str(tmp_path / "two"),
+                                    "--output", str(tmp_path / "two.json"), *TINY])
+    for s in two["configs"]["tar_faster_rcnn"]["per_seed"]:
+        for key in ("plain_run", "distilled_run"):
+            mine = torch.load(os.path.join(s[key], "model_final.pth"), weights_only=True)["model"]
+            ref = torch.load(os.path.join(s[key].replace(str(tmp_path / "two"), str(tmp_path / "one")),
+                                          "model_final.pth"), weights_only=True)["model"]
+            assert mine.keys() == ref.keys()
+            for k in ref:
+                assert torch.allclose(mine[k].float(), ref[k].float(), atol=1e-4), (key, k)
+
+    with pytest.raises(RuntimeError, match="iters1_seed0/full_TAR.*failed"):
+        distill_gain.main(argv + ["--jobs", "2", "--runs", str(tmp_path / "bad"), "--output", str(tmp_path / "b.json"),
+                                  *TINY, "DISTILL.TAR.PROPOSALS", "nonsense"])
