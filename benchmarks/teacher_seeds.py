@@ -11,9 +11,11 @@ found like every lab script finds its setups) once per seed and evaluates it on
 the config's validation split.
 
 A seed whose merged config is exactly the quickstart teacher's (same
-fingerprint, see ``benchmarks.runs``) reuses the quickstart run and its
-``results.json``; any other seed trains into ``<runs>/<teacher stem>/seed<S>``
-through the run cache (a finished run is never repeated). Prints AP per seed,
+fingerprint, see ``benchmarks.runs``) is the quickstart run: reused with its
+``results.json`` when it is trained, else trained into the config's OUTPUT_DIR,
+where the demo, ``ablation`` and ``distill_gain`` then find it. Any other seed
+trains into ``<runs>/<teacher stem>/seed<S>`` through the run cache (a finished
+run is never repeated). Prints AP per seed,
 mean ± sample sd and the largest distance of a seed from the mean; writes all of
 it to ``--output`` (JSON).
 """
@@ -58,21 +60,30 @@ def parse_args(argv=None):
 
 
 def train_seed(config_file: str, seed: int, runs: str, opts: List[str], quickstart: str = "") -> Dict:
-    """One teacher seed: the run in ``quickstart`` (default: the config's own
-    OUTPUT_DIR, where the demo trains it) when it was trained with exactly this
-    config (the fingerprint ignores OUTPUT_DIR), else a run of the run cache."""
+    """One teacher seed. The quickstart run (default: the config's own OUTPUT_DIR,
+    where the demo and every lab script look for the teacher) when this seed and
+    ``opts`` leave the config as it is (the fingerprint ignores OUTPUT_DIR): reused
+    when trained, else trained there, so that the next demo or ablation finds it.
+    Any other seed or opts train into ``<runs>/<teacher stem>/seed<S>`` through the
+    run cache."""
     from d2_distill.engine import setup_cfg
 
-    from .runs import train_and_evaluate
+    from .runs import _set_aside, train_and_evaluate
 
     run_opts = ["SEED", str(seed), *opts]
-    quickstart = quickstart or setup_cfg(config_file).OUTPUT_DIR
+    own = setup_cfg(config_file)
+    quickstart = quickstart or own.OUTPUT_DIR
+    key = fingerprint(setup_cfg(config_file, run_opts))
     results = os.path.join(quickstart, "results.json")
     if os.path.isfile(results):
         with open(results) as f:
             cached = json.load(f)
-        if cached.get("fingerprint") == fingerprint(setup_cfg(config_file, run_opts)):
+        if cached.get("fingerprint") == key:
             return {**cached, "run": quickstart}
+    if key == fingerprint(own):  # the quickstart teacher itself, not trained yet
+        if os.path.isdir(quickstart) and os.listdir(quickstart):
+            _set_aside(quickstart, f"not a finished run of {config_file}")  # nothing is lost
+        return {**train_and_evaluate(config_file, run_opts, quickstart, force=True), "run": quickstart}
     folder = os.path.join(runs, os.path.splitext(os.path.basename(config_file))[0], f"seed{seed}")
     return {**train_and_evaluate(config_file, run_opts, folder), "run": folder}
 

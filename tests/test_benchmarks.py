@@ -513,6 +513,35 @@ def test_teacher_seeds_tiny_run(tmp_path, capsys, monkeypatch, request):
     assert rec["run"] == r["per_seed"][1]["run"] and rec["metrics"]["AP"] == pytest.approx(aps[1], nan_ok=True)
 
 
+def test_teacher_seeds_trains_the_quickstart_teacher_where_the_lab_finds_it(tmp_path, monkeypatch):
+    """The config's own seed without opts is the quickstart teacher: it trains into the
+    quickstart folder (where the demo, ablation and distill_gain look), setting aside
+    what an unfinished run left there; another seed trains into the runs folder."""
+    from benchmarks import runs as runs_module
+
+    trained = []
+
+    def fake_train(config_file, opts, output_dir, force=False):
+        trained.append((list(opts), output_dir, force))
+        return {"metrics": {"AP": 1.0}, "command": "fake", "fingerprint": "x"}
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(runs_module, "train_and_evaluate", fake_train)
+    config = "configs/quickstart/faster_rcnn_R34_FPN_teacher.yaml"
+    own_seed = setup_cfg(config).SEED
+    quickstart = tmp_path / "quickstart"
+    quickstart.mkdir()
+    (quickstart / "last_checkpoint").write_text("model_0000099.pth")  # an interrupted run
+
+    rec = teacher_seeds.train_seed(config, own_seed, str(tmp_path / "runs"), [], quickstart=str(quickstart))
+    assert rec["run"] == str(quickstart) and trained[-1] == (["SEED", str(own_seed)], str(quickstart), True)
+    assert (tmp_path / "quickstart.stale-1" / "last_checkpoint").read_text() == "model_0000099.pth"
+
+    rec = teacher_seeds.train_seed(config, own_seed + 1, str(tmp_path / "runs"), [], quickstart=str(quickstart))
+    folder = str(tmp_path / "runs" / "faster_rcnn_R34_FPN_teacher" / f"seed{own_seed + 1}")
+    assert rec["run"] == folder and trained[-1] == (["SEED", str(own_seed + 1)], folder, False)
+
+
 def test_ablation_evaluate_on_reuses_the_runs(tmp_path, capsys, monkeypatch, retina_teacher_weights):
     """--evaluate-on: the runs of the default table, not retrained, evaluated on another
     split (every image of it), the teacher too; the evaluation is cached beside the run."""
