@@ -180,3 +180,14 @@ def test_head_terms_are_normalised_by_all_sampled_rois(frcnn_teacher_weights, mo
     assert mean_cls > 0 and mean_reg > 0  # ungated: every foreground RoI counts
     assert losses["loss_tar_cls"].item() == pytest.approx(0.5 * mean_cls.item() * n_cls / sampled[0], rel=1e-5)
     assert losses["loss_tar_reg"].item() == pytest.approx(2.0 * mean_reg.item() * n_reg / sampled[0], rel=1e-5)
+
+
+def test_cls_only_quickstart_config_distils_only_the_classification_term(frcnn_teacher_weights):
+    """configs/quickstart/tar_faster_rcnn_cls_only.yaml: TAR's classification term on
+    shared proposals, no feature adapters (nothing extra to train or export)."""
+    model = build(cfg_for("tar_faster_rcnn_cls_only.yaml", teacher=frcnn_teacher_weights))
+    box_head_calls = _count_calls(model.teacher.model.roi_heads.box_head)
+    losses = _step(model, fake_batch(2))
+    assert set(k for k in losses if k.startswith("loss_tar")) == {"loss_tar_cls"}
+    assert len(box_head_calls) == 1 and model.method.feature is None
+    assert not list(model.method.parameters())
