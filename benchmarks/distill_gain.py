@@ -3,6 +3,7 @@ and how much of the teacher-student gap does distillation close?
 
     python -m benchmarks.distill_gain                          # every method, seeds 0 1 2
     python -m benchmarks.distill_gain --methods tbd pkd --seeds 0 1 2 3 4
+    python -m benchmarks.distill_gain --methods tar_faster_rcnn_cls_only   # one config of a method
 
 For every quickstart config of each method (``benchmarks.setups``) and every
 seed it trains and evaluates the plain student and the full method, with the
@@ -28,7 +29,8 @@ METRIC = "AP"
 
 
 def _parse_teacher_weights(p: argparse.ArgumentParser, values: List[str], chosen, found) -> Dict[str, str]:
-    """METHOD=PATH or CONFIG=PATH (PATH alone with a single config) -> {config stem: path}."""
+    """METHOD=PATH or CONFIG=PATH (PATH alone when every chosen config has the same
+    teacher config) -> {config stem: path}."""
     def matching(name, setups):
         return [s.key for s in setups if name.lower() in (s.key, s.method.lower())]
 
@@ -39,10 +41,10 @@ def _parse_teacher_weights(p: argparse.ArgumentParser, values: List[str], chosen
         if not keys:
             if sep and matching(name, [s for ss in found.values() for s in ss]):
                 p.error(f"--teacher-weights {v!r}: {name!r} is not in --methods")
-            if len(chosen) != 1:  # a bare PATH (which may itself contain '=')
-                p.error(f"--teacher-weights {v!r}: with several configs write METHOD=PATH or CONFIG=PATH "
-                        "(e.g. tar=teacher.pth)")
-            keys, path = [chosen[0].key], v
+            if len({s.teacher_config for s in chosen}) != 1:  # a bare PATH (which may itself contain '=')
+                p.error(f"--teacher-weights {v!r}: the chosen configs have different teachers; write "
+                        "METHOD=PATH or CONFIG=PATH (e.g. tar=teacher.pth)")
+            keys, path = [s.key for s in chosen], v
         lab.check_file(p, f"--teacher-weights {v!r}", path)
         for k in keys:
             if k in out:
@@ -54,8 +56,11 @@ def _parse_teacher_weights(p: argparse.ArgumentParser, values: List[str], chosen
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     found = lab.discover_setups()
+    configs = {s.key: s for ss in found.values() for s in ss}
     p.add_argument("--methods", nargs="+", type=str.lower, default=sorted(found), metavar="METHOD",
-                   help=f"methods to compare, any of {', '.join(sorted(found))} (default: all)")
+                   help=f"methods to compare, any of {', '.join(sorted(found))} (default: all; every "
+                        "quickstart config of each), or single configs by stem, any of "
+                        f"{', '.join(sorted(configs))}")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
                    help="training seeds (default 0 1 2)")
     p.add_argument("--iters", type=int, default=None,
@@ -64,13 +69,14 @@ def parse_args(argv=None):
     p.add_argument("--output", default="output/benchmarks/distill_gain.json", help="JSON written here")
     p.add_argument("--teacher-weights", action="append", default=[], metavar="[METHOD=]PATH",
                    help="use this teacher checkpoint instead of the quickstart teacher (METHOD=PATH or "
-                        "CONFIG=PATH, e.g. pkd_retinanet=t.pth; PATH alone with a single config; repeatable)")
+                        "CONFIG=PATH, e.g. pkd_retinanet=t.pth; PATH alone when all chosen configs share one teacher; repeatable)")
     lab.add_jobs_argument(p)
     lab.add_opts_argument(p, "extra config opts for every student run and the teacher's evaluation")
     args = p.parse_args(argv)
     lab.check_opts(p, args)
-    args.methods = lab.check_choices(p, "--methods", args.methods, sorted(found))
-    args.setups = [s for m in args.methods for s in found[m]]
+    args.methods = lab.check_choices(p, "--methods", args.methods, sorted(found) + sorted(configs))
+    chosen = [s for m in args.methods for s in found.get(m, [configs.get(m)])]
+    args.setups = list({s.key: s for s in chosen}.values())  # a method and one of its configs: once
     lab.check_seeds(p, args.seeds)
     lab.check_positive(p, "--iters", args.iters)
     lab.check_positive(p, "--jobs", args.jobs)

@@ -144,12 +144,26 @@ def test_distill_gain_teacher_weights(tmp_path):
     w = tmp_path / "t.pth"
     w.write_bytes(b"x")
     a = distill_gain.parse_args(["--methods", "TAR", "--teacher-weights", str(w)])
-    assert a.methods == ["tar"] and a.teacher_weights == {"tar_faster_rcnn": str(w)}
+    # both TAR configs distil from the same teacher config: a bare PATH serves them all
+    assert a.methods == ["tar"] and a.teacher_weights == {k: str(w) for k in ("tar_faster_rcnn",
+                                                                           "tar_faster_rcnn_cls_only")}
+    a = distill_gain.parse_args(["--methods", "tar", "--teacher-weights", f"tar_faster_rcnn_cls_only={w}"])
+    assert a.teacher_weights == {"tar_faster_rcnn_cls_only": str(w)}
     a = distill_gain.parse_args(["--methods", "tar", "tbd", "--teacher-weights", f"tbd={w}", "--iters", "2",
                                  "SOLVER.STEPS", "()"])
     assert a.teacher_weights == {"tbd_retinanet": str(w)} and a.opts == ["SOLVER.STEPS", "()"]
     a = distill_gain.parse_args(["--methods", "tar", "tbd", "--teacher-weights", f"tar_faster_rcnn={w}"])
     assert a.teacher_weights == {"tar_faster_rcnn": str(w)}
+
+
+def test_distill_gain_methods_may_name_single_configs():
+    a = distill_gain.parse_args(["--methods", "tbd", "TAR_faster_rcnn_cls_only"])
+    assert [s.key for s in a.setups] == ["tbd_retinanet", "tar_faster_rcnn_cls_only"]
+    a = distill_gain.parse_args(["--methods", "tar", "tar_faster_rcnn_cls_only"])  # the config once
+    assert [s.key for s in a.setups] == ["tar_faster_rcnn", "tar_faster_rcnn_cls_only"]
+    w = "tar_faster_rcnn_cls_only=" + __file__
+    a = distill_gain.parse_args(["--methods", "tar_faster_rcnn_cls_only", "--teacher-weights", w])
+    assert a.teacher_weights == {"tar_faster_rcnn_cls_only": __file__}
 
 
 def test_gap_closed():
@@ -166,6 +180,7 @@ def test_gap_closed():
         (["--seeds", "-1"], "--seeds must be >= 0"),
         (["--iters", "0"], "--iters must be positive"),
         (["--methods", "fgd"], "--methods: unknown fgd"),
+        (["--methods", "tar_faster_rcnn_cls"], "choose from feature, pkd, tar, tbd, "),
         (["--methods"], "expected at least one"),
         (["--methods", "tar", "--teacher-weights", "/no/such/teacher.pth"], "no such file"),
         (["--teacher-weights", "tar=/no/such/teacher.pth"], "no such file"),

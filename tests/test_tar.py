@@ -3,7 +3,7 @@ import pytest
 import torch
 from detectron2.utils.events import EventStorage
 
-from helpers import cfg_for, fake_batch, train
+from helpers import cfg_for, fake_batch, qs, train
 from trainable import build_trainable as build
 
 
@@ -191,3 +191,17 @@ def test_cls_only_quickstart_config_distils_only_the_classification_term(frcnn_t
     assert set(k for k in losses if k.startswith("loss_tar")) == {"loss_tar_cls"}
     assert len(box_head_calls) == 1 and model.method.feature is None
     assert not list(model.method.parameters())
+
+
+def test_cls_only_quickstart_config_decays_per_epoch_of_the_training_split():
+    """The paper's per-epoch decay, its epoch length matching the config's own
+    training split and batch (a changed dataset or batch must update the config)."""
+    from benchmarks.setups import iters_per_epoch
+    from d2_distill.engine import setup_cfg
+    from d2_distill.modeling.distiller import build_schedule
+
+    cfg = setup_cfg(qs("tar_faster_rcnn_cls_only.yaml"))
+    schedule = build_schedule(cfg)
+    assert schedule.kind == "step" and schedule.iters_per_epoch == iters_per_epoch(cfg)
+    e = schedule.iters_per_epoch
+    assert schedule(0) == schedule(e - 1) == 1.0 and schedule(e) < 1.0
