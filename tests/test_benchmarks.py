@@ -151,13 +151,14 @@ def test_distill_gain_teacher_weights(tmp_path):
     assert a.teacher_weights == {"tar_faster_rcnn_cls_only": str(w)}
     a = distill_gain.parse_args(["--methods", "tar", "tbd", "--teacher-weights", f"tbd={w}", "--iters", "2",
                                  "SOLVER.STEPS", "()"])
-    assert a.teacher_weights == {"tbd_retinanet": str(w)} and a.opts == ["SOLVER.STEPS", "()"]
+    assert a.teacher_weights == {k: str(w) for k in ("tbd_retinanet", "tbd_retinanet_tfd8")}
+    assert a.opts == ["SOLVER.STEPS", "()"]
     a = distill_gain.parse_args(["--methods", "tar", "tbd", "--teacher-weights", f"tar_faster_rcnn={w}"])
     assert a.teacher_weights == {"tar_faster_rcnn": str(w)}
 
 
 def test_distill_gain_methods_may_name_single_configs():
-    a = distill_gain.parse_args(["--methods", "tbd", "TAR_faster_rcnn_cls_only"])
+    a = distill_gain.parse_args(["--methods", "tbd_retinanet", "TAR_faster_rcnn_cls_only"])
     assert [s.key for s in a.setups] == ["tbd_retinanet", "tar_faster_rcnn_cls_only"]
     a = distill_gain.parse_args(["--methods", "tar", "tar_faster_rcnn_cls_only"])  # the config once
     assert [s.key for s in a.setups] == ["tar_faster_rcnn", "tar_faster_rcnn_cls_only"]

@@ -165,3 +165,28 @@ def test_hd_weighting_uniform_ignores_the_harmony_score(retina_teacher_weights, 
 def test_hd_weighting_is_checked(retina_teacher_weights):
     with pytest.raises(ValueError, match=r"DISTILL.TBD.HD_WEIGHTING='equal' is not one of \['harmony', 'uniform'\]"):
         build(cfg_for("tbd_retinanet.yaml", "DISTILL.TBD.HD_WEIGHTING", "equal", teacher=retina_teacher_weights))
+
+
+def _flat(cfg, prefix=""):
+    """{"A.B.C": value} of a CfgNode."""
+    out = {}
+    for k, v in cfg.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_tuned_tfd_quickstart_config_is_tbd_with_a_stronger_tfd_term(retina_teacher_weights):
+    """configs/quickstart/tbd_retinanet_tfd8.yaml: the TBD quickstart with only
+    DISTILL.TBD.TFD_WEIGHT changed, so its TFD loss is that weight times TBD's on the
+    same weights and batch, and its HD loss is TBD's."""
+    base, tuned = (cfg_for(c, teacher=retina_teacher_weights) for c in ("tbd_retinanet.yaml", "tbd_retinanet_tfd8.yaml"))
+    changed = {k for k, v in _flat(tuned).items() if _flat(base)[k] != v}
+    assert changed == {"DISTILL.TBD.TFD_WEIGHT", "OUTPUT_DIR"} and tuned.DISTILL.TBD.TFD_WEIGHT > 1.0
+    losses = []
+    for cfg in (base, tuned):
+        torch.manual_seed(0)  # the same random adapters and student
+        losses.append({k: float(v.detach()) for k, v in _step(build(cfg), fake_batch(2))[0].items()})
+    (b, t), w = losses, tuned.DISTILL.TBD.TFD_WEIGHT
+    assert b["loss_tbd_tfd"] > 0
+    assert t["loss_tbd_tfd"] == pytest.approx(w * b["loss_tbd_tfd"], rel=1e-5)
+    assert t["loss_tbd_hd"] == pytest.approx(b["loss_tbd_hd"], rel=1e-6)
