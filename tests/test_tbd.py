@@ -180,7 +180,8 @@ def test_tuned_tfd_quickstart_config_is_tbd_with_a_stronger_tfd_term(retina_teac
     DISTILL.TBD.TFD_WEIGHT changed, so its TFD loss is that weight times TBD's on the
     same weights and batch, and its HD loss is TBD's."""
     base, tuned = (cfg_for(c, teacher=retina_teacher_weights) for c in ("tbd_retinanet.yaml", "tbd_retinanet_tfd8.yaml"))
-    changed = {k for k, v in _flat(tuned).items() if _flat(base)[k] != v}
+    flat_base = _flat(base)
+    changed = {k for k, v in _flat(tuned).items() if flat_base[k] != v}
     assert changed == {"DISTILL.TBD.TFD_WEIGHT", "OUTPUT_DIR"} and tuned.DISTILL.TBD.TFD_WEIGHT > 1.0
     losses = []
     for cfg in (base, tuned):
