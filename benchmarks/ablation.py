@@ -16,7 +16,8 @@ plain student is among the rows, each row's paired difference with the plain
 student of the same seed (per seed, mean ± sd, better on every seed) and the
 teacher–plain gap it closes, (row − plain) / (teacher − plain) on the means; writes
 ``<output>/ablation_<config>.json``. Finished runs are reused; rows whose merged
-config is the same (e.g. an extra row that restates a default) share one run.
+config is the same (e.g. an extra row that restates a default, or another
+config's row with the same settings anywhere under ``--output``) share one run.
 ``--evaluate-on shapes_tune`` evaluates the same runs (and the teacher) on the
 tuning split instead (``ablation_<config>_on_shapes_tune.json``): settings are
 chosen on that table, results reported from the default one, with no run trained twice.

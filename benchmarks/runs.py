@@ -3,8 +3,10 @@
 A run is (config file, opts, output dir). ``train_and_evaluate`` trains with
 DistillTrainer, evaluates with the config's evaluators and writes
 ``results.json`` (metrics, wall time, the exact command that reproduces it). A
-run whose ``results.json`` exists and was made with the same config file, opts
-and *fingerprint* is not repeated: delete the folder to redo it. The fingerprint
+run whose ``results.json`` has the same *fingerprint* is not repeated (delete
+the folder to redo it), whatever config file and opts spelled that config; with
+``twins_under``, neither is a run whose twin (same fingerprint) finished in
+another folder below it: its files are linked into the new folder. The fingerprint
 is a hash of the fully merged config (so an edited YAML file invalidates the
 cache), of the built-in dataset's version and, for distilled runs, of the teacher
 checkpoint's bytes (a retrained teacher) and of every ``.py`` file of the
@@ -30,7 +32,7 @@ from d2_distill.data import DATASET_VERSION
 from d2_distill.engine import DistillTrainer, setup_cfg
 
 __all__ = [
-    "train_and_evaluate", "evaluate", "evaluate_on", "ensure_trained", "flat_metrics", "fingerprint", "source_digest",
+    "train_and_evaluate", "find_twin", "evaluate", "evaluate_on", "ensure_trained", "flat_metrics", "fingerprint", "source_digest",
     "setup_logging",
 ]
 
@@ -129,8 +131,60 @@ def _set_aside(folder: str, why: str) -> str:
     return f"{folder}.stale-{n}"
 
 
+def _as_requested(record: Dict, config_file: str, opts: List[str]) -> Dict:
+    """A cached ``record`` restated with the config file and opts this caller asked
+    for (same fingerprint, so the same run); the command it was made with stays
+    under ``reused_from`` when it differs."""
+    if record.get("config_file") == config_file and record.get("opts") == opts:
+        return record
+    made_by = record.get("reused_from") or record.get("command")
+    return {**record, "config_file": config_file, "opts": opts, "command": _command(config_file, opts),
+            "reused_from": made_by}
+
+
+def find_twin(root: str, key: str, skip: str = "") -> Optional[str]:
+    """A finished run below ``root`` (not ``skip``, not a set-aside ``.stale-N``
+    folder) whose ``results.json`` has fingerprint ``key`` and whose
+    ``model_final.pth`` is there; ``None`` if there is none."""
+    skip = os.path.abspath(skip) if skip else ""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if ".stale-" not in d)
+        if "results.json" not in files or "model_final.pth" not in files or os.path.abspath(folder) == skip:
+            continue
+        try:
+            with open(os.path.join(folder, "results.json")) as f:
+                if json.load(f).get("fingerprint") == key:
+                    return folder
+        except (OSError, ValueError):  # a results.json being written or broken: not a twin
+            continue
+    return None
+
+
+def _adopt(twin: str, output_dir: str, config_file: str, opts: List[str]) -> Dict:
+    """Make ``output_dir`` hold the finished run ``twin`` (its top-level files,
+    hard-linked where the file system allows, else copied) and return its record
+    restated for this request (:func:`_as_requested`, ``reused_from`` = ``twin``)."""
+    import shutil
+
+    os.makedirs(output_dir, exist_ok=True)
+    for name in sorted(os.listdir(twin)):
+        src, dst = os.path.join(twin, name), os.path.join(output_dir, name)
+        if name == "results.json" or not os.path.isfile(src) or os.path.exists(dst):
+            continue
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    with open(os.path.join(twin, "results.json")) as f:
+        record = {**_as_requested(json.load(f), config_file, opts), "reused_from": twin}
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    logger.info("Reusing %s for %s: it was trained with the same config (fingerprint)", twin, output_dir)
+    return record
+
+
 def train_and_evaluate(
-    config_file: str, opts: Sequence[str], output_dir: str, *, force: bool = False
+    config_file: str, opts: Sequence[str], output_dir: str, *, force: bool = False, twins_under: str = ""
 ) -> Dict:
     opts = [str(o) for o in opts] + ["OUTPUT_DIR", output_dir]
     path = os.path.join(output_dir, "results.json")
@@ -139,11 +193,14 @@ def train_and_evaluate(
     if not force and os.path.isfile(path):
         with open(path) as f:
             cached = json.load(f)
-        if cached.get("config_file") == config_file and cached.get("opts") == opts:
-            if cached.get("fingerprint") == key:
-                logger.info("Reusing %s", path)
-                return cached
-            _set_aside(output_dir, "the config, the teacher checkpoint or the distillation code changed since this run")
+        if cached.get("fingerprint") == key:
+            logger.info("Reusing %s", path)
+            return _as_requested(cached, config_file, opts)
+        _set_aside(output_dir, "it was made with another config, teacher checkpoint or distillation code")
+    if not force and twins_under:
+        twin = find_twin(twins_under, key, skip=output_dir)
+        if twin:
+            return _adopt(twin, output_dir, config_file, opts)
     os.makedirs(output_dir, exist_ok=True)
     # As train_net.py's default_setup does: the run is a function of SEED, not of
     # what this process ran before (model init and augmentation draw from these RNGs).

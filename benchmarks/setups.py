@@ -234,11 +234,11 @@ def train_row(row: Row, output: str, iters: int, seed: int, teacher: str, extra:
     from .runs import train_and_evaluate
 
     folder = run_folder(output, row, iters, seed)
-    rec = train_and_evaluate(row.config, row_opts(row, iters, seed, teacher, extra), folder)
+    rec = train_and_evaluate(row.config, row_opts(row, iters, seed, teacher, extra), folder, twins_under=output)
     return {**rec, "run": folder}
 
 
-def _train_in_worker(threads: int, config: str, opts: List[str], folder: str) -> str:
+def _train_in_worker(threads: int, config: str, opts: List[str], folder: str, output: str) -> str:
     """One run in a worker process of :func:`train_parallel`, with ``threads`` torch threads."""
     import torch
 
@@ -246,7 +246,7 @@ def _train_in_worker(threads: int, config: str, opts: List[str], folder: str) ->
 
     torch.set_num_threads(threads)
     setup_logging()
-    train_and_evaluate(config, opts, folder)
+    train_and_evaluate(config, opts, folder, twins_under=output)
     return folder
 
 
@@ -274,7 +274,7 @@ def train_parallel(work: Sequence[tuple], jobs: int) -> None:
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     threads = max(1, cpu_cores() // jobs)
-    tasks = [(row.config, row_opts(row, iters, seed, teacher, extra), run_folder(output, row, iters, seed))
+    tasks = [(row.config, row_opts(row, iters, seed, teacher, extra), run_folder(output, row, iters, seed), output)
              for row, output, iters, seed, teacher, extra in work]
     seen, unique = set(), []
     for t in tasks:  # two rows with one folder (a restated default) train once

@@ -1,13 +1,14 @@
 """benchmarks.runs: the run cache the demo and the benchmarks share.
 
 A cached run or teacher is reused only when it was made with the same merged
-config and (for a distiller) the same teacher checkpoint bytes and d2_distill
+config (however its config file and opts spelled it) and (for a distiller) the same teacher checkpoint bytes and d2_distill
 sources; a stale one is moved aside, never overwritten or reused."""
 import json
 import logging
 import os
 import shutil
 
+import pytest
 import torch
 
 from d2_distill.engine import setup_cfg
@@ -70,6 +71,53 @@ def test_stale_distilled_run_is_set_aside_and_redone(tmp_path, frcnn_teacher_wei
     with open(os.path.join(out + ".stale-1", "results.json")) as f:
         assert json.load(f)["fingerprint"] == first["fingerprint"]  # the old run is kept
     assert os.path.isfile(os.path.join(out + ".stale-1", "model_final.pth"))
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("trained although a run with the same fingerprint was there")
+
+
+def test_a_run_is_reused_by_fingerprint_however_its_config_is_spelled(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    first = train_and_evaluate(STUDENT, ONE_ITER, out)
+    restated = ONE_ITER + ["SOLVER.BASE_LR", str(setup_cfg(STUDENT).SOLVER.BASE_LR)]  # the default, spelled out
+    monkeypatch.setattr(runs, "DistillTrainer", _no_training)
+    again = train_and_evaluate(STUDENT, restated, out)
+    assert again["metrics"]["AP"] == first["metrics"]["AP"] and again["fingerprint"] == first["fingerprint"]
+    assert again["opts"] == restated + ["OUTPUT_DIR", out]  # restated for this caller
+    assert "SOLVER.BASE_LR" in again["command"] and again["reused_from"] == first["command"]
+
+    # another config in that folder: the old run is set aside (it used to be trained over)
+    monkeypatch.undo()
+    other = train_and_evaluate(STUDENT, ONE_ITER + ["SOLVER.BASE_LR", "0.005"], out)
+    assert other["fingerprint"] != first["fingerprint"]
+    with open(os.path.join(out + ".stale-1", "results.json")) as f:
+        assert json.load(f)["fingerprint"] == first["fingerprint"]
+
+
+def test_a_twin_in_another_folder_is_linked_not_retrained(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    a, b, c = str(root / "x" / "a"), str(root / "y" / "b"), str(root / "z" / "c")
+    first = train_and_evaluate(STUDENT, ONE_ITER, a, twins_under=str(root))
+    assert "reused_from" not in first
+    restated = ONE_ITER + ["SOLVER.BASE_LR", str(setup_cfg(STUDENT).SOLVER.BASE_LR)]
+    monkeypatch.setattr(runs, "DistillTrainer", _no_training)
+    twin = train_and_evaluate(STUDENT, restated, b, twins_under=str(root))
+    assert twin["reused_from"] == a and twin["metrics"]["AP"] == first["metrics"]["AP"]
+    assert twin["opts"][-2:] == ["OUTPUT_DIR", b]
+    with open(os.path.join(b, "model_final.pth"), "rb") as f1, open(os.path.join(a, "model_final.pth"), "rb") as f2:
+        assert f1.read() == f2.read()
+    with open(os.path.join(b, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["reused_from"] == a and saved["opts"] == twin["opts"] and saved["command"] == twin["command"]
+    assert train_and_evaluate(STUDENT, restated, b)["reused_from"] == a  # the next call reuses b itself
+
+    # without twins_under, or for another config, nothing is borrowed
+    with pytest.raises(AssertionError, match="trained although"):
+        train_and_evaluate(STUDENT, ONE_ITER, c)
+    with pytest.raises(AssertionError, match="trained although"):
+        train_and_evaluate(STUDENT, ONE_ITER + ["SEED", "7"], c, twins_under=str(root))
+    assert runs.find_twin(str(root), first["fingerprint"], skip=a) == b
 
 
 def test_ensure_trained_reuses_only_a_checkpoint_of_the_same_config(tmp_path):
