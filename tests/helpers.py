@@ -79,3 +79,17 @@ class Interrupt(HookBase):
     def after_step(self):
         if self.trainer.iter == self.at:
             raise KeyboardInterrupt(f"interrupted after iteration {self.at}")
+
+
+def flat_cfg(cfg, prefix: str = "") -> dict:
+    """{"A.B.C": value} of a CfgNode."""
+    out = {}
+    for k, v in cfg.items():
+        out.update(flat_cfg(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def changed_keys(base, other) -> set:
+    """The full keys whose values differ between two merged configs of one schema."""
+    flat_base = flat_cfg(base)
+    return {k for k, v in flat_cfg(other).items() if flat_base[k] != v}

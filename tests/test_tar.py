@@ -3,7 +3,7 @@ import pytest
 import torch
 from detectron2.utils.events import EventStorage
 
-from helpers import cfg_for, fake_batch, qs, train
+from helpers import cfg_for, changed_keys, fake_batch, qs, train
 from trainable import build_trainable as build
 
 
@@ -191,6 +191,29 @@ def test_cls_only_quickstart_config_distils_only_the_classification_term(frcnn_t
     assert set(k for k in losses if k.startswith("loss_tar")) == {"loss_tar_cls"}
     assert len(box_head_calls) == 1 and model.method.feature is None
     assert not list(model.method.parameters())
+
+
+def test_tuned_temperature_quickstart_config_softens_only_the_classification_term(frcnn_teacher_weights, monkeypatch):
+    """configs/quickstart/tar_faster_rcnn_cls_t2.yaml: tar_faster_rcnn_cls_only.yaml
+    with only DISTILL.TAR.TEMPERATURE changed, and that temperature is the one the
+    classification KL term is computed with."""
+    import d2_distill.methods.tar as tar_module
+
+    base, tuned = (cfg_for(c, teacher=frcnn_teacher_weights)
+                   for c in ("tar_faster_rcnn_cls_only.yaml", "tar_faster_rcnn_cls_t2.yaml"))
+    assert changed_keys(base, tuned) == {"DISTILL.TAR.TEMPERATURE", "OUTPUT_DIR"}
+    assert tuned.DISTILL.TAR.TEMPERATURE == 2.0
+    seen = []
+    real = tar_module.tar_cls_loss
+
+    def recording(student_logits, teacher_logits, gate, temperature=1.0):
+        seen.append(temperature)
+        return real(student_logits, teacher_logits, gate, temperature)
+
+    monkeypatch.setattr(tar_module, "tar_cls_loss", recording)
+    losses = [_step(build(cfg), fake_batch(2)) for cfg in (base, tuned)]
+    assert seen == [1.0, 2.0]
+    assert all(set(k for k in l if k.startswith("loss_tar")) == {"loss_tar_cls"} for l in losses)
 
 
 def test_cls_only_quickstart_config_decays_per_epoch_of_the_training_split():

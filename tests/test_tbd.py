@@ -5,7 +5,7 @@ from detectron2.utils.events import EventStorage
 
 from d2_distill.methods.tbd import anchors_per_location
 
-from helpers import cfg_for, fake_batch, train
+from helpers import cfg_for, changed_keys, fake_batch, train
 from trainable import build_trainable as build
 
 
@@ -167,22 +167,12 @@ def test_hd_weighting_is_checked(retina_teacher_weights):
         build(cfg_for("tbd_retinanet.yaml", "DISTILL.TBD.HD_WEIGHTING", "equal", teacher=retina_teacher_weights))
 
 
-def _flat(cfg, prefix=""):
-    """{"A.B.C": value} of a CfgNode."""
-    out = {}
-    for k, v in cfg.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def test_tuned_tfd_quickstart_config_is_tbd_with_a_stronger_tfd_term(retina_teacher_weights):
     """configs/quickstart/tbd_retinanet_tfd8.yaml: the TBD quickstart with only
     DISTILL.TBD.TFD_WEIGHT changed, so its TFD loss is that weight times TBD's on the
     same weights and batch, and its HD loss is TBD's."""
     base, tuned = (cfg_for(c, teacher=retina_teacher_weights) for c in ("tbd_retinanet.yaml", "tbd_retinanet_tfd8.yaml"))
-    flat_base = _flat(base)
-    changed = {k for k, v in _flat(tuned).items() if flat_base[k] != v}
-    assert changed == {"DISTILL.TBD.TFD_WEIGHT", "OUTPUT_DIR"} and tuned.DISTILL.TBD.TFD_WEIGHT > 1.0
+    assert changed_keys(base, tuned) == {"DISTILL.TBD.TFD_WEIGHT", "OUTPUT_DIR"} and tuned.DISTILL.TBD.TFD_WEIGHT > 1.0
     losses = []
     for cfg in (base, tuned):
         torch.manual_seed(0)  # the same random adapters and student
