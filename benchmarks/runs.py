@@ -232,11 +232,21 @@ def train_and_evaluate(
 
 
 def evaluate(config_file: str, opts: Sequence[str], weights: str) -> Dict[str, float]:
-    """Evaluate a trained model (no training) with the config's evaluators."""
-    cfg = setup_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", weights])
-    model = DistillTrainer.build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
-    return flat_metrics(DistillTrainer.test(cfg, model))
+    """Evaluate a trained model (no training) with the config's evaluators. Unless
+    ``opts`` set OUTPUT_DIR, the evaluators write into a temporary folder, removed
+    afterwards: evaluating a teacher leaves nothing beside its checkpoint, and two
+    processes evaluating the same teacher (a benchmark and a test) do not write
+    the same prediction files."""
+    import tempfile
+
+    opts = list(opts)
+    with tempfile.TemporaryDirectory(prefix="d2_distill_eval_") as scratch:
+        if "OUTPUT_DIR" not in opts[::2]:
+            opts += ["OUTPUT_DIR", scratch]
+        cfg = setup_cfg(config_file, opts + ["MODEL.WEIGHTS", weights])
+        model = DistillTrainer.build_model(cfg)
+        DetectionCheckpointer(model).load(weights)
+        return flat_metrics(DistillTrainer.test(cfg, model))
 
 
 def evaluate_on(record: Dict, dataset: str) -> Dict[str, float]:

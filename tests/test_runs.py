@@ -120,6 +120,28 @@ def test_a_twin_in_another_folder_is_linked_not_retrained(tmp_path, monkeypatch)
     assert runs.find_twin(str(root), first["fingerprint"], skip=a) == b
 
 
+def test_evaluate_writes_into_a_scratch_folder_unless_told_where(tmp_path, monkeypatch):
+    """A teacher's evaluation (the lab's) must not write beside its checkpoint,
+    where another process may be evaluating the same teacher."""
+    out = str(tmp_path / "run")
+    train_and_evaluate(STUDENT, ONE_ITER, out)
+    seen = []
+    real_test = runs.DistillTrainer.test
+
+    def recording(cfg, model):
+        seen.append((cfg.OUTPUT_DIR, os.path.isdir(cfg.OUTPUT_DIR)))
+        return real_test(cfg, model)
+
+    monkeypatch.setattr(runs.DistillTrainer, "test", recording)
+    metrics = runs.evaluate(STUDENT, ONE_ITER, os.path.join(out, "model_final.pth"))
+    assert "AP" in metrics
+    scratch, existed = seen[0]
+    assert existed and scratch != setup_cfg(STUDENT).OUTPUT_DIR and not os.path.exists(scratch)  # removed after
+    told = str(tmp_path / "eval")
+    runs.evaluate(STUDENT, ONE_ITER + ["OUTPUT_DIR", told], os.path.join(out, "model_final.pth"))
+    assert seen[1][0] == told
+
+
 def test_ensure_trained_reuses_only_a_checkpoint_of_the_same_config(tmp_path):
     out = str(tmp_path / "teacher")
     opts = ONE_ITER + ["OUTPUT_DIR", out]
