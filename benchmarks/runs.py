@@ -21,6 +21,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -163,13 +165,14 @@ def find_twin(root: str, key: str, skip: str = "") -> Optional[str]:
 def _adopt(twin: str, output_dir: str, config_file: str, opts: List[str]) -> Dict:
     """Make ``output_dir`` hold the finished run ``twin`` (its top-level files,
     hard-linked where the file system allows, else copied) and return its record
-    restated for this request (:func:`_as_requested`, ``reused_from`` = ``twin``)."""
-    import shutil
-
-    os.makedirs(output_dir, exist_ok=True)
+    restated for this request (:func:`_as_requested`, ``reused_from`` = ``twin``).
+    What an unfinished run left in ``output_dir`` is set aside first, not mixed in."""
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        _set_aside(output_dir, "an unfinished run (no results.json) is there")
+    os.makedirs(output_dir)
     for name in sorted(os.listdir(twin)):
         src, dst = os.path.join(twin, name), os.path.join(output_dir, name)
-        if name == "results.json" or not os.path.isfile(src) or os.path.exists(dst):
+        if name == "results.json" or not os.path.isfile(src):
             continue
         try:
             os.link(src, dst)
@@ -237,8 +240,6 @@ def evaluate(config_file: str, opts: Sequence[str], weights: str) -> Dict[str, f
     afterwards: evaluating a teacher leaves nothing beside its checkpoint, and two
     processes evaluating the same teacher (a benchmark and a test) do not write
     the same prediction files."""
-    import tempfile
-
     opts = list(opts)
     with tempfile.TemporaryDirectory(prefix="d2_distill_eval_") as scratch:
         if "OUTPUT_DIR" not in opts[::2]:

@@ -102,7 +102,12 @@ def test_a_twin_in_another_folder_is_linked_not_retrained(tmp_path, monkeypatch)
     assert "reused_from" not in first
     restated = ONE_ITER + ["SOLVER.BASE_LR", str(setup_cfg(STUDENT).SOLVER.BASE_LR)]
     monkeypatch.setattr(runs, "DistillTrainer", _no_training)
+    os.makedirs(b)
+    with open(os.path.join(b, "metrics.json"), "w") as f:  # left by an unfinished run
+        f.write("partial\n")
     twin = train_and_evaluate(STUDENT, restated, b, twins_under=str(root))
+    with open(os.path.join(b + ".stale-1", "metrics.json")) as f:
+        assert f.read() == "partial\n"  # set aside, not mixed into the adopted run
     assert twin["reused_from"] == a and twin["metrics"]["AP"] == first["metrics"]["AP"]
     assert twin["opts"][-2:] == ["OUTPUT_DIR", b]
     with open(os.path.join(b, "model_final.pth"), "rb") as f1, open(os.path.join(a, "model_final.pth"), "rb") as f2:
