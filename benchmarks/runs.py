@@ -129,7 +129,7 @@ def _set_aside(folder: str, why: str) -> str:
     while os.path.exists(f"{folder}.stale-{n}"):
         n += 1
     os.rename(folder, f"{folder}.stale-{n}")
-    logger.warning("%s: %s; moved it to %s.stale-%d and training again", folder, why, folder, n)
+    logger.warning("%s: %s; moved it to %s.stale-%d", folder, why, folder, n)
     return f"{folder}.stale-{n}"
 
 
