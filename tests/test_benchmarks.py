@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from benchmarks import ablation, demo, distill_gain, loss_gradients, setups, step_cost, teacher_seeds
+from benchmarks import ablation, demo, distill_gain, loss_gradients, profile_step, setups, step_cost, teacher_seeds
 from d2_distill.engine import setup_cfg
 from helpers import ROOT, SMALL, cfg_for, fake_batch
 
@@ -128,6 +128,56 @@ def test_step_cost_tiny_run(tmp_path, capsys, pair):
     printed = capsys.readouterr().out
     assert f"| {pair} | 128 |" in printed and f"{r['ratio_c_over_a_plus_b']:.2f}" in printed
     assert "c/(a+b)" in printed
+
+
+# ---- profile_step -------------------------------------------------------------------
+QS_DIR = os.path.join(ROOT, "configs", "quickstart")
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        ([], "--config-file"),
+        (["--config-file", "/no/such.yaml"], "no such file"),
+        (["--config-file", "__CFG__", "--iters", "0"], "--iters must be positive"),
+        (["--config-file", "__CFG__", "--threads", "0"], "--threads must be positive"),
+        (["--config-file", "__CFG__", "--warmup", "-1"], "--warmup"),
+        (["--config-file", "__CFG__", "--batch", "-1"], "--batch"),
+        (["--config-file", "__CFG__", "--dataset", "coco_2017_val"], "--dataset"),
+        (["--config-file", "__CFG__", "SOLVER.MAX_ITER"], "KEY VALUE"),
+    ],
+)
+def test_profile_step_bad_args(capsys, argv, message):
+    cfg = os.path.join(QS_DIR, "retinanet_R18_FPN_student.yaml")
+    _assert_usage_error(profile_step.parse_args, [a.replace("__CFG__", cfg) for a in argv], message, capsys)
+
+
+def test_profile_step_tiny_run_of_a_plain_model(capsys):
+    """A plain detectron2 model's step: its convolutions show up, shares are of the total."""
+    result = profile_step.main([
+        "--config-file", os.path.join(QS_DIR, "retinanet_R18_FPN_student.yaml"), "--iters", "1", "--warmup", "0",
+        "--batch", "1", "--top", "40", "--by-shape", "--dataset", "shapes_mini_val", "--", *SMALL,
+    ])
+    ops = result["ops"]
+    assert result["seconds_per_step"] > 0 and 0 < len(ops) <= 40
+    assert all(0 <= op["share"] <= 1 for op in ops) and sum(op["share"] for op in ops) <= 1 + 1e-6
+    assert [op["self_s"] for op in ops] == sorted((op["self_s"] for op in ops), reverse=True)
+    conv = [op for op in ops if op["name"] == "aten::convolution_backward"]
+    assert conv and all(op["shapes"].startswith("[[1, ") for op in conv)  # batch 1, grouped by input shape
+    printed = capsys.readouterr().out
+    assert "s per step (profiler on, 1 steps)" in printed and "| aten::convolution_backward |" in printed
+
+
+def test_profile_step_builds_the_distiller_of_a_distilled_config(tmp_path):
+    """A distilled config profiles the Distiller's step, whose trainable parameters exclude the teacher."""
+    args = profile_step.parse_args([
+        "--config-file", os.path.join(QS_DIR, "tar_faster_rcnn.yaml"), "--batch", "1",
+        "--dataset", "shapes_mini_val", "MODEL.DEVICE", "cpu"])
+    model, params, batch = profile_step.build(args, str(tmp_path))
+    assert type(model).__name__ == "Distiller" and model.training and len(batch) == 1
+    teacher = {id(q) for q in model.teacher.parameters()}
+    assert params and not teacher & {id(q) for q in params}
+    assert {id(q) for q in model.student.parameters()} <= {id(q) for q in params}
 
 
 # ---- distill_gain: arguments -----------------------------------------------------
