@@ -69,7 +69,7 @@ def build(args, tmp: str):
     size = cfg.INPUT.MIN_SIZE_TRAIN[0]
     if cfg.MODEL.META_ARCHITECTURE == "Distiller":
         config = os.path.relpath(os.path.abspath(args.config_file), lab.ROOT)
-        cfg, model, batch, _ = build_distiller(config, "cpu", list(args.opts), tmp, args.dataset, size, batch_size)
+        _, model, batch, _ = build_distiller(config, "cpu", list(args.opts), tmp, args.dataset, size, batch_size)
     else:
         model = build_model(cfg)
         batch = make_batch(args.dataset, size, batch_size, cfg.INPUT.FORMAT)
