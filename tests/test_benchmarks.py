@@ -544,6 +544,7 @@ def test_teacher_seeds_defaults():
         (["--seeds", "2", "2"], "repeated seed"),
         (["--seeds", "-3"], "--seeds must be >= 0"),
         (["SOLVER.MAX_ITER"], "KEY VALUE"),
+        (["--eval-opts", "MODEL.RETINANET.SCORE_THRESH_TEST"], "--eval-opts must be KEY VALUE pairs"),
     ],
 )
 def test_teacher_seeds_bad_args(capsys, argv, message):
@@ -579,6 +580,23 @@ def test_teacher_seeds_tiny_run(tmp_path, capsys, monkeypatch, request):
     assert rec["run"] == seed0 and os.path.getmtime(results) == mtime
     rec = teacher_seeds.train_seed(config, 1, str(runs), tiny, quickstart=seed0)
     assert rec["run"] == r["per_seed"][1]["run"] and rec["metrics"]["AP"] == pytest.approx(aps[1], nan_ok=True)
+
+    # --eval-opts: the same trained teachers evaluated once more with test-time opts, nothing trains;
+    # a score threshold no score passes leaves no detection, so AP is NaN while "as trained" keeps its value
+    from benchmarks import runs as runs_module
+
+    calls, real = [], runs_module.evaluate
+    monkeypatch.setattr(runs_module, "evaluate", lambda c, o, w: calls.append((list(o), w)) or real(c, o, w))
+    again = teacher_seeds.main(argv[:-len(tiny)] + ["--eval-opts", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0",
+                                                    "--", *tiny])
+    assert again["eval_opts"] == ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0"]
+    r2 = again["teachers"]["faster_rcnn_R34_FPN_teacher"]
+    assert os.path.getmtime(results) == mtime  # not retrained
+    assert [s["as_trained"] for s in r2["per_seed"]] == pytest.approx(aps, nan_ok=True)
+    assert all(math.isnan(s["AP"]) for s in r2["per_seed"]) and math.isnan(r2["mean"])
+    assert [w for _, w in calls] == [os.path.join(s["run"], "model_final.pth") for s in r["per_seed"]]
+    assert all(o[-2:] == ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0"] for o, _ in calls)
+    assert "as trained" in capsys.readouterr().out
 
 
 def test_teacher_seeds_trains_the_quickstart_teacher_where_the_lab_finds_it(tmp_path, monkeypatch):
