@@ -13,6 +13,12 @@ AP50, AP75, harmony, parameters, GFLOPs, inference ms/image) and save two
 figures: AP bars with the students' detection-loss curves, and the three models'
 detections on the same validation images. Runs are cached in ``--output``:
 a finished run is reused, not retrained.
+
+``--precision auto`` (the default) trains in bfloat16 autocast
+(``SOLVER.AMP.ENABLED``, :mod:`d2_distill.engine.amp`) on a CPU with native
+bfloat16 arithmetic (AVX512-BF16 or AMX), in float32 elsewhere. bfloat16 runs
+are cached apart from the float32 ones of the lab's tables: the teacher in its
+quickstart folder plus ``_bf16``, the students under ``output/runs_bf16``.
 """
 import argparse
 import os
@@ -32,7 +38,11 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=None,
                    help="student schedule (SOLVER.MAX_ITER); default: the plain student config's own")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="output/runs", help="run cache and figure folder")
+    p.add_argument("--output", default="",
+                   help="run cache and figure folder (default output/runs; output/runs_bf16 in bfloat16)")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="training arithmetic on CPU (default auto: bfloat16 autocast where the CPU has native "
+                        "bfloat16, else float32)")
     p.add_argument("--timing-images", type=int, default=20, help="validation images for inference ms/image")
     p.add_argument("--show-images", type=int, default=3,
                    help="validation images in the detections picture (teacher / plain / distilled; default 3)")
@@ -55,7 +65,32 @@ def parse_args(argv=None):
         p.error(f"--config: {e.args[0]}")
     if args.iters is None:
         args.iters = lab.default_iters(args.setup)
+    args.precision = resolve_precision(args.precision)
+    if not args.output:
+        args.output = "output/runs_bf16" if args.precision == "bfloat16" else "output/runs"
     return args
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bfloat16`` on a CPU-only machine with native bfloat16, else ``float32``."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    from d2_distill.engine.amp import cpu_has_native_bf16
+
+    return "bfloat16" if not torch.cuda.is_available() and cpu_has_native_bf16() else "float32"
+
+
+def teacher_opts(setup, precision: str) -> list:
+    """The quickstart teacher's opts: none in float32; in bfloat16, autocast and a
+    folder of its own beside the float32 teacher of the lab's tables."""
+    if precision == "float32":
+        return []
+    from d2_distill.engine import setup_cfg
+
+    folder = setup_cfg(setup.teacher_config, []).OUTPUT_DIR.rstrip("/") + "_bf16"
+    return ["SOLVER.AMP.ENABLED", "True", "OUTPUT_DIR", folder]
 
 
 def measure(config_file: str, opts, weights: str, num_images: int, show: int = 0, detections=None) -> dict:
@@ -186,10 +221,12 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logging()
     setup, iters, extra = args.setup, args.iters, list(args.opts)
+    if args.precision == "bfloat16":
+        extra = ["SOLVER.AMP.ENABLED", "True", *extra]
     name = setup.method
     start = time.perf_counter()
-    print(f"[demo] 1/4 teacher ({setup.teacher_config})", flush=True)
-    teacher = lab.ensure_teacher(setup, args.teacher_weights)
+    print(f"[demo] 1/4 teacher ({setup.teacher_config}, {args.precision})", flush=True)
+    teacher = lab.ensure_teacher(setup, args.teacher_weights, teacher_opts(setup, args.precision))
     plain_row, full_row = lab.plain_row(setup), lab.full_row(setup)
     if args.jobs > 1:
         print(f"[demo] 2-3/4 plain and {name} students side by side ({iters} iterations, --jobs {args.jobs})",
@@ -227,10 +264,11 @@ def main(argv=None):
     detections_figure({f"{m} ({r['AP']:.1f} AP)": d for (m, d), r in zip(dets.items(), table)},
                       det_path, args.show_score)
     lab.write_json(os.path.join(args.output, f"{stem}.json"),
-                   {"config": setup.config, "rows": table, "iters": iters, "seed": args.seed})
+                   {"config": setup.config, "rows": table, "iters": iters, "seed": args.seed,
+                    "precision": args.precision})
     print("\n" + text)
     gain = table[2]["AP"] - table[1]["AP"]
-    print(f"\n{name} student vs plain student: {gain:+.2f} AP; figures: {fig_path}, {det_path}; "
+    print(f"\n{name} student vs plain student: {gain:+.2f} AP ({args.precision}); figures: {fig_path}, {det_path}; "
           f"wall time {time.perf_counter() - start:.0f} s")
     return {"rows": table, "figure": fig_path, "detections": det_path, "markdown": text, "setup": setup}
 

@@ -291,11 +291,12 @@ def train_parallel(work: Sequence[tuple], jobs: int) -> None:
                 raise RuntimeError(f"training {futures[f]} failed: {f.exception()!r}") from f.exception()
 
 
-def ensure_teacher(setup: Setup, weights: str = "") -> str:
-    """``weights`` if given, else the quickstart teacher, trained first if needed."""
+def ensure_teacher(setup: Setup, weights: str = "", opts: Sequence[str] = ()) -> str:
+    """``weights`` if given, else the quickstart teacher (its config plus ``opts``),
+    trained first if needed."""
     from .runs import ensure_trained
 
-    return weights or ensure_trained(setup.teacher_config)
+    return weights or ensure_trained(setup.teacher_config, list(opts))
 
 
 def evaluate_teacher(setup: Setup, weights: str, extra: Sequence[str] = ()) -> Dict[str, float]:

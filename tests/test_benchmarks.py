@@ -319,10 +319,35 @@ def test_demo_accepts_any_discovered_method_in_any_case():
         (["--timing-images", "0"], "--timing-images must be positive"),
         (["--show-images", "0"], "--show-images must be positive"),
         (["SOLVER.MAX_ITER"], "KEY VALUE"),
+        (["--precision", "fp16"], "invalid choice"),
     ],
 )
 def test_demo_bad_args(capsys, argv, message):
     _assert_usage_error(demo.parse_args, argv, message, capsys)
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bfloat16"), (False, "float32")])
+def test_demo_precision_auto_follows_the_cpu(monkeypatch, native, expected):
+    import torch
+
+    from d2_distill.engine import amp
+
+    monkeypatch.setattr(amp, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = demo.parse_args([])
+    assert args.precision == expected
+    assert args.output == ("output/runs_bf16" if native else "output/runs")  # apart from the lab's float32 runs
+    assert demo.parse_args(["--precision", "float32"]).precision == "float32"
+    assert demo.parse_args(["--precision", "bfloat16", "--output", "x"]).output == "x"
+
+
+def test_demo_bfloat16_teacher_has_a_folder_of_its_own():
+    setup = demo.parse_args(["--method", "tbd"]).setup
+    assert demo.teacher_opts(setup, "float32") == []
+    opts = demo.teacher_opts(setup, "bfloat16")
+    cfg = setup_cfg(os.path.join(ROOT, setup.teacher_config), opts)
+    assert cfg.SOLVER.AMP.ENABLED
+    assert cfg.OUTPUT_DIR == setup_cfg(os.path.join(ROOT, setup.teacher_config)).OUTPUT_DIR + "_bf16"
 
 
 def test_detection_loss_excludes_the_methods_declared_losses():
@@ -343,7 +368,7 @@ def test_demo_tiny_run(tmp_path, capsys, monkeypatch, frcnn_teacher_weights):
     out = tmp_path / "runs"
     result = demo.main([
         "--iters", "2", "--output", str(out), "--teacher-weights", frcnn_teacher_weights, "--timing-images", "2",
-        "--show-images", "2", "--show-score", "0.0", "--jobs", "2", *TINY,
+        "--show-images", "2", "--show-score", "0.0", "--jobs", "2", "--precision", "bfloat16", *TINY,
     ])
     rows = {r["model"]: r for r in result["rows"]}
     assert list(rows) == ["teacher", "plain student", "TAR student"]
@@ -358,6 +383,10 @@ def test_demo_tiny_run(tmp_path, capsys, monkeypatch, frcnn_teacher_weights):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "demo_tar_faster_rcnn.json").read_text())
     assert [r["model"] for r in saved["rows"]] == list(rows) and saved["iters"] == 2
+    assert saved["precision"] == "bfloat16"
+    for run in ("faster_rcnn_R18_FPN_student/iters2_seed0/plain_student", "tar_faster_rcnn/iters2_seed0/full_TAR"):
+        rec = json.loads((out / run / "results.json").read_text())  # both students trained in bfloat16
+        assert setup_cfg(os.path.join(ROOT, rec["config_file"]), rec["opts"]).SOLVER.AMP.ENABLED
     printed = capsys.readouterr().out
     assert "| TAR student |" in printed and "[demo] 4/4" in printed and "side by side" in printed
     assert os.path.isfile(out / "faster_rcnn_R18_FPN_student" / "iters2_seed0" / "plain_student" / "model_final.pth")

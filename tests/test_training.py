@@ -15,10 +15,12 @@ def _train_net():
     return module
 
 
-@pytest.mark.parametrize("config", ["faster_rcnn_R18_FPN_student.yaml", "retinanet_R18_FPN_student.yaml"])
-def test_train_then_eval_only(tmp_path, config):
+@pytest.mark.parametrize("config,amp", [("faster_rcnn_R18_FPN_student.yaml", False),
+                                        ("retinanet_R18_FPN_student.yaml", False),
+                                        ("faster_rcnn_R18_FPN_student.yaml", True)])  # bfloat16 autocast on CPU
+def test_train_then_eval_only(tmp_path, config, amp):
     train_net = _train_net()
-    opts = SMALL + ["SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(tmp_path),
+    opts = SMALL + ["SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(tmp_path), "SOLVER.AMP.ENABLED", str(amp),
                     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]
     args = default_argument_parser().parse_args(["--config-file", qs(config), *opts])
     train_net.main(args)  # trains 3 iterations, then the final evaluation

@@ -31,6 +31,7 @@ from detectron2.utils.logger import setup_logger
 from ..config import add_distill_config
 from ..data import ensure_datasets
 from ..modeling import attach_teacher
+from .amp import CPUAutocastTrainer, warn_if_emulated
 from .checkpoint import DistillCheckpointer
 from .ddp import wrap_ddp
 from .resume import RNGStateHook, build_train_loader, preserved_rng_state, samples_consumed
@@ -83,7 +84,7 @@ class DistillTrainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
 
         model = wrap_ddp(model)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = self._loop_class(cfg)(model, data_loader, optimizer)
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         # understands both distiller checkpoints and plain detectron2 ones (for the student)
@@ -93,6 +94,17 @@ class DistillTrainer(DefaultTrainer):
         self.cfg = cfg
 
         self.register_hooks(self.build_hooks())
+
+    @staticmethod
+    def _loop_class(cfg: CfgNode) -> type:
+        """The step: SimpleTrainer, or with SOLVER.AMP.ENABLED detectron2's AMPTrainer
+        (CUDA, float16) or :class:`CPUAutocastTrainer` (CPU, bfloat16)."""
+        if not cfg.SOLVER.AMP.ENABLED:
+            return SimpleTrainer
+        if cfg.MODEL.DEVICE.startswith("cuda"):
+            return AMPTrainer
+        warn_if_emulated()
+        return CPUAutocastTrainer
 
     def build_hooks(self):
         ret = super().build_hooks()
