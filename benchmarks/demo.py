@@ -25,7 +25,7 @@ import os
 import time
 
 from . import setups as lab
-from .runs import setup_logging
+from .runs import console_and_log
 
 
 def parse_args(argv=None):
@@ -50,6 +50,9 @@ def parse_args(argv=None):
                    help="score threshold of the drawn detections (0.3: the small students are under-confident)")
     p.add_argument("--teacher-weights", default="",
                    help="use this teacher checkpoint instead of training (or reusing) the quickstart teacher")
+    p.add_argument("--verbose", action="store_true",
+                   help="show detectron2's whole log on the console (default: stages, progress with ETAs, "
+                        "results and warnings; the whole log is always in <output>/demo_<setup>.log)")
     lab.add_jobs_argument(p)
     lab.add_opts_argument(p, "extra config opts for the student runs and the teacher's evaluation")
     args = p.parse_args(argv)
@@ -219,26 +222,34 @@ def markdown(table, cols) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    setup_logging()
+    log_path = os.path.join(args.output, f"demo_{args.setup.key}.log")
+    with console_and_log(log_path, args.verbose) as say:
+        if not args.verbose:
+            say(f"[demo] detectron2's whole log: {log_path} (--verbose shows it here)")
+        return run(args, say)
+
+
+def run(args, say):
     setup, iters, extra = args.setup, args.iters, list(args.opts)
     if args.precision == "bfloat16":
         extra = ["SOLVER.AMP.ENABLED", "True", *extra]
     name = setup.method
     start = time.perf_counter()
-    print(f"[demo] 1/4 teacher ({setup.teacher_config}, {args.precision})", flush=True)
+    say(f"[demo] 1/4 teacher ({setup.teacher_config}, {args.precision})")
     teacher = lab.ensure_teacher(setup, args.teacher_weights, teacher_opts(setup, args.precision))
     plain_row, full_row = lab.plain_row(setup), lab.full_row(setup)
     if args.jobs > 1:
-        print(f"[demo] 2-3/4 plain and {name} students side by side ({iters} iterations, --jobs {args.jobs})",
-              flush=True)
+        say(f"[demo] 2-3/4 plain and {name} students side by side ({iters} iterations, --jobs {args.jobs})")
         lab.train_parallel([(row, args.output, iters, args.seed, teacher, extra) for row in (plain_row, full_row)],
                            args.jobs)
-    print(f"[demo] 2/4 plain student ({setup.plain_config}, {iters} iterations)", flush=True)
+    say(f"[demo] 2/4 plain student ({setup.plain_config}, {iters} iterations)")
     plain = lab.train_row(plain_row, args.output, iters, args.seed, teacher, extra)
-    print(f"[demo] 3/4 {name} student ({setup.config}, {iters} iterations)", flush=True)
+    say(f"[demo]     plain student: {plain['metrics']['AP']:.2f} AP ({plain['run']})")
+    say(f"[demo] 3/4 {name} student ({setup.config}, {iters} iterations)")
     distilled = lab.train_row(full_row, args.output, iters, args.seed, teacher, extra)
+    say(f"[demo]     {name} student: {distilled['metrics']['AP']:.2f} AP ({distilled['run']})")
 
-    print("[demo] 4/4 evaluation and measurements", flush=True)
+    say("[demo] 4/4 evaluation and measurements")
     n, show = args.timing_images, args.show_images
     dets = {"teacher": [], "plain student": [], f"{name} student": []}
     table = [
@@ -266,9 +277,9 @@ def main(argv=None):
     lab.write_json(os.path.join(args.output, f"{stem}.json"),
                    {"config": setup.config, "rows": table, "iters": iters, "seed": args.seed,
                     "precision": args.precision})
-    print("\n" + text)
+    say("\n" + text)
     gain = table[2]["AP"] - table[1]["AP"]
-    print(f"\n{name} student vs plain student: {gain:+.2f} AP ({args.precision}); figures: {fig_path}, {det_path}; "
+    say(f"\n{name} student vs plain student: {gain:+.2f} AP ({args.precision}); figures: {fig_path}, {det_path}; "
           f"wall time {time.perf_counter() - start:.0f} s")
     return {"rows": table, "figure": fig_path, "detections": det_path, "markdown": text, "setup": setup}
 

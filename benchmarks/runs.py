@@ -16,6 +16,7 @@ before the run is redone.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -23,8 +24,9 @@ import logging
 import os
 import shutil
 import tempfile
+import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.env import seed_all_rng
@@ -35,7 +37,7 @@ from d2_distill.engine import DistillTrainer, setup_cfg
 
 __all__ = [
     "train_and_evaluate", "find_twin", "evaluate", "evaluate_on", "ensure_trained", "flat_metrics", "fingerprint", "source_digest",
-    "setup_logging",
+    "setup_logging", "console_and_log",
 ]
 
 # under "d2_distill" so that its handler (setup_logging) shows the lab's messages too
@@ -50,6 +52,57 @@ def setup_logging() -> None:
     for name in ("detectron2", "d2_distill"):
         if not logging.getLogger(name).handlers:
             setup_logger(name=name)
+
+
+class _ProgressOnly(logging.Filter):
+    """Console filter of :func:`console_and_log`: training progress (the ETA lines
+    and the training-speed summary), the lab's own messages and every warning."""
+
+    KEEP = ("detectron2.utils.events", "detectron2.engine.hooks", "d2_distill.lab", "d2_distill.data",
+            "d2_distill.modeling", "d2_distill.engine")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name  # detectron2's console formatter renames "detectron2.x" records "d2.x" in place
+        if name.startswith("d2."):
+            name = "detectron2." + name[3:]
+        return record.levelno >= logging.WARNING or name.startswith(self.KEEP)
+
+
+@contextlib.contextmanager
+def console_and_log(log_path: str, verbose: bool = False) -> Iterator[Callable[[str], None]]:
+    """Everything detectron2 and d2_distill log goes to ``log_path`` (appended);
+    unless ``verbose``, the console keeps only what :class:`_ProgressOnly` lets
+    through, and what third-party code prints on stdout (pycocotools' "Loading and
+    preparing results...") goes to the file too. Yields ``say(message)``, which
+    prints on the console and writes to the file. Warnings (stderr) are untouched."""
+    setup_logging()
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    console = sys.stdout
+    loggers = [logging.getLogger(name) for name in ("detectron2", "d2_distill")]
+    with open(log_path, "a") as log:
+        to_file = logging.StreamHandler(log)
+        to_file.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s", "%m/%d %H:%M:%S"))
+        on_console = [h for lg in loggers for h in lg.handlers
+                      if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+        quiet = _ProgressOnly()
+        for lg in loggers:
+            lg.addHandler(to_file)
+        if not verbose:
+            for h in on_console:
+                h.addFilter(quiet)
+
+        def say(message: str) -> None:
+            print(message, file=console, flush=True)
+            print(message, file=log, flush=True)
+
+        try:
+            with contextlib.redirect_stdout(console if verbose else log):
+                yield say
+        finally:
+            for lg in loggers:
+                lg.removeHandler(to_file)
+            for h in on_console:
+                h.removeFilter(quiet)
 
 
 def _command(config_file: str, opts: Sequence[str]) -> str:

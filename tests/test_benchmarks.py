@@ -389,6 +389,10 @@ def test_demo_tiny_run(tmp_path, capsys, monkeypatch, frcnn_teacher_weights):
         assert setup_cfg(os.path.join(ROOT, rec["config_file"]), rec["opts"]).SOLVER.AMP.ENABLED
     printed = capsys.readouterr().out
     assert "| TAR student |" in printed and "[demo] 4/4" in printed and "side by side" in printed
+    # the console shows stages and results; pycocotools' prints and detectron2's tables go to the log
+    log = (out / "demo_tar_faster_rcnn.log").read_text()
+    assert "Loading and preparing results" not in printed and "Loading and preparing results" in log
+    assert "Evaluation results for bbox" in log and "| TAR student |" in log and "[demo] 4/4" in log
     assert os.path.isfile(out / "faster_rcnn_R18_FPN_student" / "iters2_seed0" / "plain_student" / "model_final.pth")
     assert os.path.isfile(out / "tar_faster_rcnn" / "iters2_seed0" / "full_TAR" / "model_final.pth")
 
@@ -724,3 +728,41 @@ def test_distill_gain_jobs_trains_in_worker_processes(tmp_path, monkeypatch, frc
     with pytest.raises(RuntimeError, match="iters1_seed0/full_TAR.*failed"):
         distill_gain.main(argv + ["--jobs", "2", "--runs", str(tmp_path / "bad"), "--output", str(tmp_path / "b.json"),
                                   *TINY, "DISTILL.TAR.PROPOSALS", "nonsense"])
+
+
+def test_console_and_log_keeps_progress_and_warnings_on_the_console(tmp_path, capsys):
+    """The demo's console: ETA lines, the lab's messages and warnings; the rest of
+    detectron2's log and third-party prints go to the log file, which has everything."""
+    import io
+    import logging
+
+    from benchmarks.runs import console_and_log, setup_logging
+
+    setup_logging()
+    screen = io.StringIO()
+    handler = logging.StreamHandler(screen)
+    d2 = logging.getLogger("detectron2")
+    level = d2.level
+    d2.addHandler(handler)
+    d2.setLevel(logging.DEBUG)  # as setup_logger sets it (this test process may have set it up otherwise)
+    try:
+        for verbose in (False, True):
+            with console_and_log(str(tmp_path / f"log{verbose}.txt"), verbose) as say:
+                logging.getLogger("detectron2.utils.events").info("eta: 0:01:00  iter: 20")
+                logging.getLogger("detectron2.engine.defaults").info("Model: RetinaNet(...)")
+                logging.getLogger("detectron2.evaluation.coco_evaluation").warning("a real warning")
+                print("Loading and preparing results...")  # as pycocotools does
+                say("[demo] 1/4 teacher")
+            log = (tmp_path / f"log{verbose}.txt").read_text()
+            for line in ("eta: 0:01:00", "Model: RetinaNet", "a real warning", "[demo] 1/4"):
+                assert line in log
+            assert ("Loading and preparing" in log) is not verbose
+            shown, printed = screen.getvalue(), capsys.readouterr().out
+            assert "eta: 0:01:00" in shown and "a real warning" in shown and "[demo] 1/4" in printed
+            assert ("Model: RetinaNet" in shown) is verbose and ("Loading and preparing" in printed) is verbose
+            screen.seek(0), screen.truncate()
+        logging.getLogger("detectron2.engine.defaults").info("after the demo")
+        assert "after the demo" in screen.getvalue()  # the filter is gone once the demo returns
+    finally:
+        d2.removeHandler(handler)
+        d2.setLevel(level)
