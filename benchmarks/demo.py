@@ -241,7 +241,7 @@ def run(args, say):
     if args.jobs > 1:
         say(f"[demo] 2-3/4 plain and {name} students side by side ({iters} iterations, --jobs {args.jobs})")
         lab.train_parallel([(row, args.output, iters, args.seed, teacher, extra) for row in (plain_row, full_row)],
-                           args.jobs)
+                           args.jobs, quiet=not args.verbose)
     say(f"[demo] 2/4 plain student ({setup.plain_config}, {iters} iterations)")
     plain = lab.train_row(plain_row, args.output, iters, args.seed, teacher, extra)
     say(f"[demo]     plain student: {plain['metrics']['AP']:.2f} AP ({plain['run']})")

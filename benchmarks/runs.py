@@ -36,7 +36,7 @@ from d2_distill.data import DATASET_VERSION
 from d2_distill.engine import DistillTrainer, setup_cfg
 
 __all__ = [
-    "train_and_evaluate", "find_twin", "evaluate", "evaluate_on", "ensure_trained", "flat_metrics", "fingerprint", "source_digest",
+    "train_and_evaluate", "find_twin", "evaluate", "evaluate_cached", "evaluate_on", "ensure_trained", "flat_metrics", "fingerprint", "source_digest",
     "setup_logging", "console_and_log",
 ]
 
@@ -301,6 +301,31 @@ def evaluate(config_file: str, opts: Sequence[str], weights: str) -> Dict[str, f
         model = DistillTrainer.build_model(cfg)
         DetectionCheckpointer(model).load(weights)
         return flat_metrics(DistillTrainer.test(cfg, model))
+
+
+def evaluate_cached(config_file: str, opts: Sequence[str], weights: str) -> Dict[str, float]:
+    """:func:`evaluate`, remembered beside ``weights`` in ``eval_<key>.json``, where
+    the key hashes the merged config, the checkpoint's bytes and d2_distill's sources
+    (the evaluators live there): a teacher evaluated once is not evaluated again by
+    the next demo or benchmark, and a retrained teacher, another setting or changed
+    evaluation code gets a new key. A folder that cannot be written is skipped."""
+    cfg = setup_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", weights])
+    key = hashlib.sha256("|".join((fingerprint(cfg), _file_sha256(weights), source_digest())).encode()).hexdigest()
+    path = os.path.join(os.path.dirname(os.path.abspath(weights)), f"eval_{key[:16]}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            logger.info("Reusing the evaluation of %s in %s", weights, path)
+            return cached["metrics"]
+    metrics = evaluate(config_file, opts, weights)
+    try:
+        with open(path, "w") as f:
+            json.dump({"key": key, "config_file": config_file, "opts": list(opts), "weights": weights,
+                       "metrics": metrics}, f, indent=1)
+    except OSError as e:
+        logger.info("Could not remember the evaluation in %s: %s", path, e)
+    return metrics
 
 
 def evaluate_on(record: Dict, dataset: str) -> Dict[str, float]:

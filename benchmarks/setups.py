@@ -238,15 +238,20 @@ def train_row(row: Row, output: str, iters: int, seed: int, teacher: str, extra:
     return {**rec, "run": folder}
 
 
-def _train_in_worker(threads: int, config: str, opts: List[str], folder: str, output: str) -> str:
-    """One run in a worker process of :func:`train_parallel`, with ``threads`` torch threads."""
+def _train_in_worker(threads: int, quiet: bool, config: str, opts: List[str], folder: str, output: str) -> str:
+    """One run in a worker process of :func:`train_parallel`, with ``threads`` torch
+    threads; ``quiet``: the console as the demo's (:func:`benchmarks.runs.console_and_log`),
+    the whole log in the run folder's ``log.txt``."""
+    import contextlib
+
     import torch
 
-    from .runs import setup_logging, train_and_evaluate
+    from .runs import console_and_log, setup_logging, train_and_evaluate
 
     torch.set_num_threads(threads)
     setup_logging()
-    train_and_evaluate(config, opts, folder, twins_under=output)
+    with console_and_log(os.path.join(folder, "log.txt")) if quiet else contextlib.nullcontext():
+        train_and_evaluate(config, opts, folder, twins_under=output)
     return folder
 
 
@@ -258,11 +263,13 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def train_parallel(work: Sequence[tuple], jobs: int) -> None:
+def train_parallel(work: Sequence[tuple], jobs: int, quiet: bool = False) -> None:
     """Train the runs of ``work`` (``(row, output, iters, seed, teacher, extra)``, the
     arguments of :func:`train_row`) ``jobs`` at a time, each in its own process with
     ``cores // jobs`` torch threads; finished runs are reused there as everywhere.
     The callers then read every record through :func:`train_row` (cached by then).
+    ``quiet``: each worker's console shows progress and warnings only, its whole log
+    going to the run folder's ``log.txt`` (the demo's console).
     ``jobs <= 1`` does nothing: ``train_row`` trains in this process. A run that fails
     stops the runs not yet started and raises; the finished ones stay cached.
 
@@ -282,7 +289,7 @@ def train_parallel(work: Sequence[tuple], jobs: int) -> None:
             seen.add(t[2])
             unique.append(t)
     with ProcessPoolExecutor(min(jobs, len(unique)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_train_in_worker, threads, *t): t[2] for t in unique}
+        futures = {pool.submit(_train_in_worker, threads, quiet, *t): t[2] for t in unique}
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for f in pending:
             f.cancel()
@@ -300,10 +307,11 @@ def ensure_teacher(setup: Setup, weights: str = "", opts: Sequence[str] = ()) ->
 
 
 def evaluate_teacher(setup: Setup, weights: str, extra: Sequence[str] = ()) -> Dict[str, float]:
-    """The teacher's metrics on the same validation split and evaluators as the students."""
-    from .runs import evaluate
+    """The teacher's metrics on the same validation split and evaluators as the students
+    (evaluated once per checkpoint and setting, see :func:`benchmarks.runs.evaluate_cached`)."""
+    from .runs import evaluate_cached
 
-    return evaluate(setup.teacher_config, EVAL_OPTS + list(extra), weights)
+    return evaluate_cached(setup.teacher_config, EVAL_OPTS + list(extra), weights)
 
 
 # ---------------------------------------------------------------------------

@@ -393,6 +393,8 @@ def test_demo_tiny_run(tmp_path, capsys, monkeypatch, frcnn_teacher_weights):
     log = (out / "demo_tar_faster_rcnn.log").read_text()
     assert "Loading and preparing results" not in printed and "Loading and preparing results" in log
     assert "Evaluation results for bbox" in log and "| TAR student |" in log and "[demo] 4/4" in log
+    for run in ("faster_rcnn_R18_FPN_student/iters2_seed0/plain_student", "tar_faster_rcnn/iters2_seed0/full_TAR"):
+        assert "Starting training from iteration 0" in (out / run / "log.txt").read_text()  # each worker's log
     assert os.path.isfile(out / "faster_rcnn_R18_FPN_student" / "iters2_seed0" / "plain_student" / "model_final.pth")
     assert os.path.isfile(out / "tar_faster_rcnn" / "iters2_seed0" / "full_TAR" / "model_final.pth")
 

@@ -229,3 +229,35 @@ def test_a_run_is_a_function_of_its_seed_not_of_the_process_history(tmp_path):
     a, b = (torch.load(tmp_path / d / "model_final.pth", map_location="cpu", weights_only=True)["model"]
             for d in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_teacher_is_evaluated_once_per_checkpoint_and_setting(tmp_path, monkeypatch, frcnn_teacher_weights):
+    """evaluate_cached (the demo's and the benchmarks' teacher evaluation) remembers
+    its metrics beside the checkpoint; other bytes or another setting evaluate again."""
+    from d2_distill.engine import DistillTrainer
+
+    teacher = tmp_path / "teacher" / "model_final.pth"
+    teacher.parent.mkdir()
+    shutil.copy(frcnn_teacher_weights, teacher)
+    config = qs("faster_rcnn_R34_FPN_teacher.yaml")
+    opts = list(SMALL) + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    calls = []
+    real_test = DistillTrainer.test.__func__
+
+    def counting_test(cls, cfg, model, evaluators=None):
+        calls.append(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
+        return real_test(cls, cfg, model, evaluators)
+
+    monkeypatch.setattr(DistillTrainer, "test", classmethod(counting_test))
+    first = runs.evaluate_cached(config, opts, str(teacher))
+    assert "AP" in first and len(calls) == 1
+    assert len(list(teacher.parent.glob("eval_*.json"))) == 1
+    again = runs.evaluate_cached(config, opts, str(teacher))
+    assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)  # NaN-safe equality
+    assert len(calls) == 1  # remembered, not evaluated again
+    runs.evaluate_cached(config, opts + ["MODEL.ROI_HEADS.NMS_THRESH_TEST", "0.4"], str(teacher))
+    assert len(calls) == 2  # another setting
+    with open(teacher, "ab") as f:  # same path, other bytes: a retrained teacher
+        f.write(b"\0")
+    runs.evaluate_cached(config, opts, str(teacher))
+    assert len(calls) == 3
