@@ -23,8 +23,8 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 

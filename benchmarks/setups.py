@@ -249,7 +249,7 @@ def _train_in_worker(threads: int, quiet: bool, config: str, opts: List[str], fo
     from .runs import console_and_log, setup_logging, train_and_evaluate
 
     torch.set_num_threads(threads)
-    setup_logging()
+    setup_logging()  # console_and_log filters the handlers this installs
     with console_and_log(os.path.join(folder, "log.txt")) if quiet else contextlib.nullcontext():
         train_and_evaluate(config, opts, folder, twins_under=output)
     return folder
