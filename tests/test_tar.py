@@ -193,16 +193,18 @@ def test_cls_only_quickstart_config_distils_only_the_classification_term(frcnn_t
     assert not list(model.method.parameters())
 
 
-def test_tuned_temperature_quickstart_config_softens_only_the_classification_term(frcnn_teacher_weights, monkeypatch):
-    """configs/quickstart/tar_faster_rcnn_cls_t2.yaml: tar_faster_rcnn_cls_only.yaml
+@pytest.mark.parametrize("config,temperature", [("tar_faster_rcnn_cls_t2.yaml", 2.0),
+                                                ("tar_faster_rcnn_cls_t4.yaml", 4.0)])
+def test_tuned_temperature_quickstart_config_softens_only_the_classification_term(
+        frcnn_teacher_weights, monkeypatch, config, temperature):
+    """configs/quickstart/tar_faster_rcnn_cls_t{2,4}.yaml: tar_faster_rcnn_cls_only.yaml
     with only DISTILL.TAR.TEMPERATURE changed, and that temperature is the one the
     classification KL term is computed with."""
     import d2_distill.methods.tar as tar_module
 
-    base, tuned = (cfg_for(c, teacher=frcnn_teacher_weights)
-                   for c in ("tar_faster_rcnn_cls_only.yaml", "tar_faster_rcnn_cls_t2.yaml"))
+    base, tuned = (cfg_for(c, teacher=frcnn_teacher_weights) for c in ("tar_faster_rcnn_cls_only.yaml", config))
     assert changed_keys(base, tuned) == {"DISTILL.TAR.TEMPERATURE", "OUTPUT_DIR"}
-    assert tuned.DISTILL.TAR.TEMPERATURE == 2.0
+    assert tuned.DISTILL.TAR.TEMPERATURE == temperature
     seen = []
     real = tar_module.tar_cls_loss
 
@@ -212,7 +214,7 @@ def test_tuned_temperature_quickstart_config_softens_only_the_classification_ter
 
     monkeypatch.setattr(tar_module, "tar_cls_loss", recording)
     losses = [_step(build(cfg), fake_batch(2)) for cfg in (base, tuned)]
-    assert seen == [1.0, 2.0]
+    assert seen == [1.0, temperature]
     assert all(set(k for k in l if k.startswith("loss_tar")) == {"loss_tar_cls"} for l in losses)
 
 
