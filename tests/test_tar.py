@@ -195,10 +195,12 @@ def test_cls_only_quickstart_config_distils_only_the_classification_term(frcnn_t
 
 @pytest.mark.parametrize("config,temperature", [("tar_faster_rcnn_cls_t2.yaml", 2.0),
                                                 ("tar_faster_rcnn_cls_t4.yaml", 4.0),
-                                                ("tar_faster_rcnn_cls_t8.yaml", 8.0)])
+                                                ("tar_faster_rcnn_cls_t8.yaml", 8.0),
+                                                ("tar_faster_rcnn_cls_t16.yaml", 16.0),
+                                                ("tar_faster_rcnn_cls_t32.yaml", 32.0)])
 def test_tuned_temperature_quickstart_config_softens_only_the_classification_term(
         frcnn_teacher_weights, monkeypatch, config, temperature):
-    """configs/quickstart/tar_faster_rcnn_cls_t{2,4,8}.yaml: tar_faster_rcnn_cls_only.yaml
+    """configs/quickstart/tar_faster_rcnn_cls_t{2,4,8,16,32}.yaml: tar_faster_rcnn_cls_only.yaml
     with only DISTILL.TAR.TEMPERATURE changed, and that temperature is the one the
     classification KL term is computed with."""
     import d2_distill.methods.tar as tar_module
