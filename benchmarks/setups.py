@@ -24,6 +24,7 @@ import glob
 import math
 import os
 import statistics
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -255,6 +256,24 @@ def _train_in_worker(threads: int, quiet: bool, config: str, opts: List[str], fo
     return folder
 
 
+def _die_with_parent(parent: int) -> None:
+    """Initializer of :func:`train_parallel`'s workers: on Linux, ask the kernel to
+    send this worker SIGTERM when the process that started it exits, however it
+    exits. Without it a ``kill`` of the benchmark alone (SIGTERM or SIGKILL to its
+    pid, not its process group, as a job queue or a timeout does) leaves the workers
+    training on, unseen, into run folders that a rerun then trains into as well.
+    (Ctrl-C reaches the whole process group and needs none of this.)"""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def cpu_cores() -> int:
     """Cores this process may run on (the affinity mask, not the host's count)."""
     try:
@@ -271,7 +290,8 @@ def train_parallel(work: Sequence[tuple], jobs: int, quiet: bool = False) -> Non
     ``quiet``: each worker's console shows progress and warnings only, its whole log
     going to the run folder's ``log.txt`` (the demo's console).
     ``jobs <= 1`` does nothing: ``train_row`` trains in this process. A run that fails
-    stops the runs not yet started and raises; the finished ones stay cached.
+    stops the runs not yet started and raises; the finished ones stay cached. The
+    workers end with this process, even when it is killed (:func:`_die_with_parent`).
 
     Why: a CPU training step does not scale linearly with threads, so on 2 cores two
     one-thread runs side by side finish more runs per hour than one two-thread run."""
@@ -288,7 +308,8 @@ def train_parallel(work: Sequence[tuple], jobs: int, quiet: bool = False) -> Non
         if t[2] not in seen:
             seen.add(t[2])
             unique.append(t)
-    with ProcessPoolExecutor(min(jobs, len(unique)), mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(min(jobs, len(unique)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_train_in_worker, threads, quiet, *t): t[2] for t in unique}
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for f in pending:

@@ -1,9 +1,11 @@
 """The lab's scripts (python -m benchmarks.<name>): arguments, and one tiny run of
 each (quickstart pairs, 128 px, random teacher, 1-2 iterations). No timing bound
 is asserted: the numbers depend on the machine's load."""
+import glob
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -768,3 +770,63 @@ def test_console_and_log_keeps_progress_and_warnings_on_the_console(tmp_path, ca
     finally:
         d2.removeHandler(handler)
         d2.setLevel(level)
+
+
+def _children(pid: int):
+    """Worker processes (multiprocessing's spawn children, not its resource tracker) of ``pid``."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(stat[:-4] + "cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"spawn_main" in cmd:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers' parent-death signal is Linux's prctl")
+def test_jobs_workers_end_when_the_benchmark_is_killed(tmp_path, frcnn_teacher_weights):
+    """A SIGKILL to the benchmark's pid alone (what a job queue or a timeout sends)
+    ends its --jobs workers too, instead of leaving them training, unseen, into run
+    folders that a rerun trains into as well."""
+    import signal
+    import subprocess
+    import time
+
+    runs = tmp_path / "runs"
+    argv = ["--methods", "tar", "--seeds", "0", "--iters", "100000", "--jobs", "2", "--runs", str(runs),
+            "--teacher-weights", f"tar={frcnn_teacher_weights}", "--output", str(tmp_path / "g.json"), *TINY]
+    parent = subprocess.Popen([sys.executable, "-c", "import sys; from benchmarks import distill_gain; "
+                               "distill_gain.main(sys.argv[1:])", *argv],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and parent.poll() is None and not glob.glob(str(runs / "*" / "*" / "*" / "*")):
+            time.sleep(0.5)  # until a worker has begun writing into its run folder
+        assert parent.poll() is None, "the benchmark ended before its workers started"
+        workers = _children(parent.pid)
+        assert workers and all(_alive(p) for p in workers)
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 60
+        while time.time() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.5)
+        assert not [p for p in workers if _alive(p)]
+    finally:
+        parent.kill()
+        for p in workers:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
