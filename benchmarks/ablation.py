@@ -15,11 +15,13 @@ markdown table of mean ± sample sd over the seeds, AP per seed and, when the
 plain student is among the rows, each row's paired difference with the plain
 student of the same seed (per seed, mean ± sd, better on every seed) and the
 teacher–plain gap it closes, (row − plain) / (teacher − plain) on the means; writes
-``<output>/ablation_<config>.json``. Finished runs are reused; rows whose merged
+``<output>/ablation_<config>_<iters>it_seeds<S-S-...>.json`` (:func:`table_path`: a
+call with other seeds, iterations, rows or opts writes a file of its own, so it
+never replaces the table of an earlier call). Finished runs are reused; rows whose merged
 config is the same (e.g. an extra row that restates a default, or another
 config's row with the same settings anywhere under ``--output``) share one run.
 ``--evaluate-on shapes_tune`` evaluates the same runs (and the teacher) on the
-tuning split instead (``ablation_<config>_on_shapes_tune.json``): settings are
+tuning split instead (the same name ending in ``_on_shapes_tune.json``): settings are
 chosen on that table, results reported from the default one, with no run trained twice.
 """
 import argparse
@@ -72,6 +74,29 @@ def parse_args(argv=None):
     if args.iters is None:
         args.iters = lab.default_iters(args.setup)
     return args
+
+
+def table_path(args) -> str:
+    """Where a call's JSON goes, named after what decides its contents:
+
+        <output>/ablation_<config>_<iters>it_seeds<S-S-...>[_<tag>][_on_<split>].json
+
+    ``tag`` (8 hex digits) appears when the call's rows are not the default set
+    (``--rows``, ``--no-extra``, ``--baselines``), or it has extra opts or its own
+    teacher: a digest of the row names, the opts and the teacher path. Two calls
+    share a file only when they would write the same table."""
+    import hashlib
+    import json
+
+    default = [r.name for r in lab.ablation_rows(args.setup, extra=True)]
+    names = [r.name for r in plan(args)]
+    name = f"ablation_{args.setup.key}_{args.iters}it_seeds{'-'.join(map(str, args.seeds))}"
+    if names != default or args.opts or args.teacher_weights:
+        what = json.dumps([names, list(args.opts), args.teacher_weights])
+        name += "_" + hashlib.sha1(what.encode()).hexdigest()[:8]
+    if args.evaluate_on:
+        name += f"_on_{args.evaluate_on}"
+    return os.path.join(args.output, name + ".json")
 
 
 def plan(args):
@@ -229,9 +254,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logging()
     summary = run(args)
-    on = f"_on_{args.evaluate_on}" if args.evaluate_on else ""
-    path = os.path.join(args.output, f"ablation_{args.setup.key}{on}.json")
-    lab.report(path, summary, markdown(summary))
+    lab.report(table_path(args), summary, markdown(summary))
     return summary
 
 

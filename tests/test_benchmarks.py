@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -417,6 +418,31 @@ def test_ablation_bad_args(capsys, argv, message):
     _assert_usage_error(ablation.parse_args, argv, message, capsys)
 
 
+def test_ablation_table_named_by_what_it_holds():
+    """Each call's JSON is named by config, iterations, seeds, row set, opts and split,
+    so a call with fewer seeds or rows does not overwrite an earlier, larger table."""
+    def path(*argv):
+        return ablation.table_path(ablation.parse_args(["--method", "tar", "--output", "out", *argv]))
+
+    full = path("--iters", "1600", "--seeds", "0", "1", "2")
+    assert full == os.path.join("out", "ablation_tar_faster_rcnn_1600it_seeds0-1-2.json")
+    assert path("--iters", "1600", "--seeds", "0", "1", "2", "--evaluate-on", "shapes_tune") == \
+        full.replace(".json", "_on_shapes_tune.json")
+    two = path("--iters", "1600", "--seeds", "0", "1", "--rows", "full TAR", "plain student")
+    assert two == path("--iters", "1600", "--seeds", "0", "1", "--rows", "plain student", "full TAR")
+    others = [
+        path("--iters", "800", "--seeds", "0", "1", "2"),
+        path("--iters", "1600", "--seeds", "0"),
+        path("--iters", "1600", "--seeds", "0", "1", "2", "--no-extra"),
+        path("--iters", "1600", "--seeds", "0", "1", "2", "--baselines"),
+        path("--iters", "1600", "--seeds", "0", "1", "2", "--", "DISTILL.TAR.CLS_WEIGHT", "2.0"),
+        path("--iters", "1600", "--seeds", "0", "1", "--rows", "plain student"),
+        two,
+    ]
+    assert len({full, *others}) == len(others) + 1
+    assert re.fullmatch(r"ablation_tar_faster_rcnn_1600it_seeds0-1_[0-9a-f]{8}\.json", os.path.basename(two))
+
+
 def test_ablation_rows_resolve_without_training(monkeypatch, frcnn_teacher_weights):
     """A row restating a default shares the full row's runs; a row naming an option the
     config lacks is skipped with a note; --baselines adds the other methods' full rows."""
@@ -440,11 +466,10 @@ def test_ablation_tiny_run(tmp_path, capsys, monkeypatch, retina_teacher_weights
     """Two seeds per row, mean ± sd per row, the teacher evaluated; TBD on RetinaNet."""
     monkeypatch.chdir(ROOT)
     out = tmp_path / "runs"
-    summary = ablation.main([
-        "--method", "tbd", "--iters", "1", "--seeds", "0", "1", "--output", str(out),
-        "--teacher-weights", retina_teacher_weights, "--rows", "plain student", "+ HD",
-        "--", *TINY, "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
-    ])
+    argv = ["--method", "tbd", "--iters", "1", "--seeds", "0", "1", "--output", str(out),
+            "--teacher-weights", retina_teacher_weights, "--rows", "plain student", "+ HD",
+            "--", *TINY, "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]
+    summary = ablation.main(argv)
     rows = {r["row"]: r for r in summary["rows"]}
     assert list(rows) == ["plain student", "+ HD", "teacher"]
     for name in ("plain student", "+ HD"):
@@ -464,7 +489,9 @@ def test_ablation_tiny_run(tmp_path, capsys, monkeypatch, retina_teacher_weights
     assert hd["gap_closed_pct"] == pytest.approx(
         distill_gain.gap_closed(hd["AP"], plain["AP"], rows["teacher"]["AP"]), nan_ok=True)
     assert "vs_plain" not in plain
-    assert json.loads((out / "ablation_tbd_retinanet.json").read_text())["seeds"] == [0, 1]
+    written = list(out.glob("ablation_*.json"))  # named by config, iterations, seeds and a row/opts tag
+    assert len(written) == 1 and re.fullmatch(r"ablation_tbd_retinanet_1it_seeds0-1_[0-9a-f]{8}\.json", written[0].name)
+    assert json.loads(written[0].read_text())["seeds"] == [0, 1]
     printed = capsys.readouterr().out
     assert "| + HD |" in printed and "mean ± sample sd" in printed and "| vs plain per seed |" in printed
     hd_line = next(line for line in printed.splitlines() if line.startswith("| + HD |"))
@@ -694,7 +721,8 @@ def test_ablation_evaluate_on_reuses_the_runs(tmp_path, capsys, monkeypatch, ret
     expected = setups.evaluate_teacher(ablation.parse_args(argv).setup, retina_teacher_weights,
                                        opts + ["DATASETS.TEST", "('shapes_mini_train',)"])
     assert tune["rows"][-1]["row"] == "teacher" and tune["rows"][-1]["AP"] == pytest.approx(expected["AP"], nan_ok=True)
-    assert os.path.isfile(out / "ablation_tbd_retinanet_on_shapes_mini_train.json")
+    assert os.path.isfile(ablation.table_path(ablation.parse_args(argv + on_train)))
+    assert os.path.isfile(ablation.table_path(ablation.parse_args(argv + ["--", *opts])))  # the default table stays
     assert "AP on shapes_mini_train" in capsys.readouterr().out
 
     evaluated = os.path.getmtime(os.path.join(run, "eval_shapes_mini_train.json"))
