@@ -28,7 +28,7 @@ import argparse
 import os
 
 from . import setups as lab
-from .runs import evaluate_on, fingerprint, setup_logging
+from .runs import console_and_log, evaluate_on, fingerprint, setup_logging
 
 COLUMNS = ("AP", "AP50", "AP75", "harmonious_ratio", "mean_abs_gap")
 
@@ -179,8 +179,11 @@ def run(args) -> dict:
         if "same_as" in entry:
             entry.update({k: v for k, v in done[entry["same_as"]].items() if k not in ("row", "config")})
     on = ["DATASETS.TEST", f"('{args.evaluate_on}',)"] if args.evaluate_on else []
-    table.append({"row": "teacher", "config": setup.teacher_config, "weights": teacher,
-                  **lab.evaluate_teacher(setup, teacher, list(args.opts) + on)})
+    log = os.path.join(args.output, f"teacher_eval_{args.evaluate_on or 'default'}.log")
+    with console_and_log(log) as say:  # detectron2's evaluation tables go to the file
+        metrics = lab.evaluate_teacher(setup, teacher, list(args.opts) + on)
+        say(f"[lab] teacher {teacher}: AP {metrics.get('AP', float('nan')):.2f} (detectron2's log: {log})")
+    table.append({"row": "teacher", "config": setup.teacher_config, "weights": teacher, **metrics})
     compare_with_plain(table)
     from d2_distill.engine import setup_cfg
 

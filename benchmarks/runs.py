@@ -333,7 +333,9 @@ def evaluate_on(record: Dict, dataset: str) -> Dict[str, float]:
     the run's own config file and opts, with ``DATASETS.TEST`` replaced. One
     training thus serves a tuning split and the reported split. The result is
     cached beside the run, ``eval_<dataset>.json``, under the run's fingerprint: a
-    run retrained since (another fingerprint) is evaluated again.
+    run retrained since (another fingerprint) is evaluated again. The console shows
+    one line per evaluation; detectron2's log of it (the per-category tables) goes to
+    ``eval_<dataset>/log.txt``.
 
     ``record``: what :func:`train_and_evaluate` returned (``config_file``, ``opts``
     with the run's ``OUTPUT_DIR``, ``fingerprint``)."""
@@ -346,8 +348,12 @@ def evaluate_on(record: Dict, dataset: str) -> Dict[str, float]:
         if cached.get("fingerprint") == record["fingerprint"]:
             logger.info("Reusing %s", path)
             return cached["metrics"]
-    opts += ["DATASETS.TEST", f"('{dataset}',)", "OUTPUT_DIR", os.path.join(folder, f"eval_{dataset}")]
-    metrics = evaluate(record["config_file"], opts, os.path.join(folder, "model_final.pth"))
+    out = os.path.join(folder, f"eval_{dataset}")
+    opts += ["DATASETS.TEST", f"('{dataset}',)", "OUTPUT_DIR", out]
+    with console_and_log(os.path.join(out, "log.txt")) as say:  # the evaluator's tables go to the file
+        metrics = evaluate(record["config_file"], opts, os.path.join(folder, "model_final.pth"))
+        say(f"[lab] {folder}: AP {metrics.get('AP', float('nan')):.2f} on {dataset} "
+            f"(detectron2's tables: {os.path.join(out, 'log.txt')})")
     with open(path, "w") as f:
         json.dump({"dataset": dataset, "fingerprint": record["fingerprint"], "metrics": metrics}, f, indent=1)
     return metrics

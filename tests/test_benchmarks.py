@@ -2,7 +2,9 @@
 each (quickstart pairs, 128 px, random teacher, 1-2 iterations). No timing bound
 is asserted: the numbers depend on the machine's load."""
 import glob
+import io
 import json
+import logging
 import math
 import os
 import re
@@ -706,7 +708,14 @@ def test_ablation_evaluate_on_reuses_the_runs(tmp_path, capsys, monkeypatch, ret
     run = default["rows"][0]["per_seed"][0]["run"]
     trained = os.path.getmtime(os.path.join(run, "results.json"))
 
-    tune = ablation.main(argv + on_train)
+    capsys.readouterr()  # the first call's training log
+    console = io.StringIO()  # a console handler of detectron2's logger, as setup_logger installs one
+    handler = logging.StreamHandler(console)
+    logging.getLogger("detectron2").addHandler(handler)
+    try:
+        tune = ablation.main(argv + on_train)
+    finally:
+        logging.getLogger("detectron2").removeHandler(handler)
     assert tune["dataset"] == "shapes_mini_train"
     assert tune["rows"][0]["per_seed"][0]["run"] == run
     assert os.path.getmtime(os.path.join(run, "results.json")) == trained  # not retrained
@@ -723,7 +732,13 @@ def test_ablation_evaluate_on_reuses_the_runs(tmp_path, capsys, monkeypatch, ret
     assert tune["rows"][-1]["row"] == "teacher" and tune["rows"][-1]["AP"] == pytest.approx(expected["AP"], nan_ok=True)
     assert os.path.isfile(ablation.table_path(ablation.parse_args(argv + on_train)))
     assert os.path.isfile(ablation.table_path(ablation.parse_args(argv + ["--", *opts])))  # the default table stays
-    assert "AP on shapes_mini_train" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "AP on shapes_mini_train" in printed
+    # detectron2's evaluation tables (the run's and the teacher's) go to log files, not the console
+    assert "Per-category bbox AP" in open(os.path.join(run, "eval_shapes_mini_train", "log.txt")).read()
+    assert os.path.isfile(out / "teacher_eval_shapes_mini_train.log")
+    assert "Per-category" not in console.getvalue() + printed
+    assert f"{run}: AP " in printed and "teacher " in printed
 
     evaluated = os.path.getmtime(os.path.join(run, "eval_shapes_mini_train.json"))
     again = ablation.main(argv + on_train)
