@@ -178,16 +178,16 @@ def run(args) -> dict:
     for entry in table:
         if "same_as" in entry:
             entry.update({k: v for k, v in done[entry["same_as"]].items() if k not in ("row", "config")})
-    on = ["DATASETS.TEST", f"('{args.evaluate_on}',)"] if args.evaluate_on else []
-    log = os.path.join(args.output, f"teacher_eval_{args.evaluate_on or 'default'}.log")
-    with console_and_log(log) as say:  # detectron2's evaluation tables go to the file
-        metrics = lab.evaluate_teacher(setup, teacher, list(args.opts) + on)
-        say(f"[lab] teacher {teacher}: AP {metrics.get('AP', float('nan')):.2f} (detectron2's log: {log})")
-    table.append({"row": "teacher", "config": setup.teacher_config, "weights": teacher, **metrics})
-    compare_with_plain(table)
     from d2_distill.engine import setup_cfg
 
+    on = ["DATASETS.TEST", f"('{args.evaluate_on}',)"] if args.evaluate_on else []
     dataset = setup_cfg(os.path.join(lab.ROOT, setup.config), list(args.opts) + on).DATASETS.TEST[0]
+    log = os.path.join(args.output, f"teacher_eval_{dataset}.log")
+    with console_and_log(log) as say:  # detectron2's evaluation tables go to the file
+        metrics = lab.evaluate_teacher(setup, teacher, list(args.opts) + on)
+        say(f"[lab] teacher {teacher}: AP {metrics.get('AP', float('nan')):.2f} on {dataset} (detectron2's log: {log})")
+    table.append({"row": "teacher", "config": setup.teacher_config, "weights": teacher, **metrics})
+    compare_with_plain(table)
     return {"method": setup.method, "config": setup.config, "iters": iters, "seeds": list(args.seeds),
             "dataset": dataset,
             "columns": list(COLUMNS), "sd": "sample standard deviation over seeds (n - 1); 0 for one seed",

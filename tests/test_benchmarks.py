@@ -737,6 +737,7 @@ def test_ablation_evaluate_on_reuses_the_runs(tmp_path, capsys, monkeypatch, ret
     # detectron2's evaluation tables (the run's and the teacher's) go to log files, not the console
     assert "Per-category bbox AP" in open(os.path.join(run, "eval_shapes_mini_train", "log.txt")).read()
     assert os.path.isfile(out / "teacher_eval_shapes_mini_train.log")
+    assert os.path.isfile(out / "teacher_eval_shapes_mini_val.log")  # the default table's split
     assert "Per-category" not in console.getvalue() + printed
     assert f"{run}: AP " in printed and "teacher " in printed
 
