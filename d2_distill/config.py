@@ -61,6 +61,13 @@ def add_distill_config(cfg: CN) -> None:
     # Iterations per epoch for KIND "step" (required there, > 0).
     _C.DISTILL.SCHEDULE.ITERS_PER_EPOCH = 0
 
+    _C.DISTILL.DIAGNOSTICS = CN()
+    # Every GRAD_PERIOD iterations, log distill/grad_ratio/<loss>/<part>: the norm of
+    # each distillation loss's gradient on the student's backbone and head, divided
+    # by that of the detection losses (d2_distill.modeling.diagnostics). 0 = off:
+    # nothing is computed. Each logged step costs one extra backward per loss and part.
+    _C.DISTILL.DIAGNOSTICS.GRAD_PERIOD = 0
+
     # ---- Evaluation -------------------------------------------------------------
     _C.DISTILL.EVAL = CN()
     # Add the harmony evaluator (harmonious ratio, mean |score - IoU|) next to COCO AP.
@@ -98,6 +105,8 @@ def validate_distill_cfg(cfg: CN) -> None:
     for key in ("WARMUP_ITERS", "ITERS_PER_EPOCH"):
         if d.SCHEDULE[key] < 0:
             raise ValueError(f"DISTILL.SCHEDULE.{key}={d.SCHEDULE[key]!r} must be >= 0")
+    if d.DIAGNOSTICS.GRAD_PERIOD < 0:
+        raise ValueError(f"DISTILL.DIAGNOSTICS.GRAD_PERIOD={d.DIAGNOSTICS.GRAD_PERIOD!r} must be >= 0 (0 = off)")
     if not d.EVAL.HARMONY_TOL >= 0:
         raise ValueError(f"DISTILL.EVAL.HARMONY_TOL={d.EVAL.HARMONY_TOL!r} must be >= 0")
     method.validate_config(cfg)

@@ -20,12 +20,12 @@ Boxes are ``(x0, y0, x1, y1)`` in pixels.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["gaussian_mask", "feature_imitation_loss", "rowwise_iou", "giou_loss_rowwise"]
+__all__ = ["gaussian_mask", "feature_imitation_loss", "masked_standardize", "rowwise_iou", "giou_loss_rowwise"]
 
 
 def _acc_dtype(*tensors: Tensor) -> torch.dtype:
@@ -115,7 +115,8 @@ def giou_loss_rowwise(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
 
 def gaussian_mask(
-    boxes: Tensor, height: int, width: int, stride: int, sigma_ratio: float = 0.25
+    boxes: Tensor, height: int, width: int, stride: int, sigma_ratio: float = 0.25,
+    *, weights: Optional[Tensor] = None,
 ) -> Tensor:
     """Gaussian foreground mask of one image on a feature map of stride ``stride``.
 
@@ -136,6 +137,9 @@ def gaussian_mask(
         (centre (cx, cy), width w, height h of box k; sigma at least 1 px).
         All zeros when K == 0. Values lie in [0, 1]; the maximum is over
         boxes (overlapping boxes do not add up).
+
+        ``weights`` (K,) in [0, 1], optional: ``M = max_k w_k * G_k`` instead
+        (a per-object gate: w_k = 0 removes box k's Gaussian).
     """
     height, width = int(height), int(width)
     device = boxes.device
@@ -152,13 +156,37 @@ def gaussian_mask(
     ys = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) * stride  # (H,)
     ex = (xs[None, :] - cx[:, None]).square() / (2.0 * sx[:, None].square())  # (K, W)
     ey = (ys[None, :] - cy[:, None]).square() / (2.0 * sy[:, None].square())  # (K, H)
+    if weights is not None:
+        w = weights.detach().reshape(-1).to(device=device, dtype=torch.float32)
+        if w.shape[0] != b.shape[0]:
+            raise ValueError(f"weights must have shape ({b.shape[0]},), got {tuple(weights.shape)}")
+        return (w[:, None, None] * torch.exp(-(ey[:, :, None] + ex[:, None, :]))).amax(dim=0)
     # exp is monotone: max_k exp(-e_k) = exp(-min_k e_k)
     expo = (ey[:, :, None] + ex[:, None, :]).amin(dim=0)  # (H, W)
     return torch.exp(-expo)
 
 
+def masked_standardize(x: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-channel standardisation of feature maps inside a soft mask.
+
+    x (N, C, H, W), mask (N, H, W) non-negative -> (N, C, H, W):
+
+        x_hat = (x - mu) / sqrt(var + eps),
+        mu = sum_hw M x / sum_hw M,  var = sum_hw M (x - mu)^2 / sum_hw M
+
+    per image n and channel c (the mask-weighted mean and variance). An image
+    whose mask is all zero gets mu = var = 0. The mask is detached.
+    """
+    m = mask.detach().to(x.dtype)[:, None]  # (N, 1, H, W)
+    total = m.sum(dim=(2, 3), keepdim=True)  # (N, 1, 1, 1)
+    mu = _safe_div((m * x).sum(dim=(2, 3), keepdim=True), total)
+    var = _safe_div((m * (x - mu).square()).sum(dim=(2, 3), keepdim=True), total)
+    return (x - mu) / torch.sqrt(var + eps)
+
+
 def feature_imitation_loss(
-    student: Sequence[Tensor], teacher: Sequence[Tensor], masks: Sequence[Tensor]
+    student: Sequence[Tensor], teacher: Sequence[Tensor], masks: Sequence[Tensor],
+    *, standardize: bool = False,
 ) -> Tensor:
     """Masked feature imitation over pyramid levels.
 
@@ -167,7 +195,11 @@ def feature_imitation_loss(
 
         L = sum_l sum_{n,h,w} M * ||F_S - F_T||_2^2 / C  /  max(sum_l sum M, 1)
 
-    (squared L2 over channels at each position). The teacher and the masks are
+    (squared L2 over channels at each position). With ``standardize`` both maps
+    are first standardised per image and channel inside the mask
+    (:func:`masked_standardize`), so only the pattern of each channel within the
+    masked region is imitated, not the two networks' feature scales; each
+    position then costs about 2 (1 - Pearson r) per channel. The teacher and the masks are
     detached. Returns a 0-dim tensor in the accumulation dtype (float32, or
     float64 for float64 inputs); an all-zero mask gives exactly 0 with a
     zero gradient for the student.
@@ -199,7 +231,10 @@ def feature_imitation_loss(
             raise ValueError(
                 f"level {lvl}: mask shape {tuple(m.shape)} != expected {(n, h, w)}"
             )
-        diff = fs.to(acc) - ft.detach().to(acc)
+        fs, ft = fs.to(acc), ft.detach().to(acc)
+        if standardize:
+            fs, ft = masked_standardize(fs, m), masked_standardize(ft, m)
+        diff = fs - ft
         sq = diff.square().sum(dim=1) / max(c, 1)  # (N, H, W)
         mm = m.detach().to(acc)
         lvl_num = (sq * mm).sum()

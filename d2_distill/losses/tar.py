@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .common import _acc_dtype, _check_rows, _check_same_shape, rowwise_iou
 
-__all__ = ["tar_cls_gate", "tar_reg_gate", "tar_cls_loss", "tar_reg_loss"]
+__all__ = ["tar_cls_gate", "tar_reg_gate", "tar_cls_loss", "tar_reg_loss", "tar_object_gate", "tar_bounded_reg_loss"]
 
 
 def _check_rows_pair(kind: str, layout: str, student: Tensor, teacher: Tensor) -> int:
@@ -82,6 +82,45 @@ def tar_cls_loss(
     return weighted * (float(temperature) ** 2 / max(rows, 1))
 
 
+def tar_object_gate(
+    teacher_scores: Tensor, student_scores: Tensor, roi_objects: Tensor, num_objects: int,
+    empty: bool = True,
+) -> Tensor:
+    """Per-object gate of the feature term: is the teacher better on this object?
+
+    (R,), (R,), (R,) int, K -> (K,) bool (no gradient). ``roi_objects[i]`` is the
+    object (0..K-1) that RoI i is matched to, or -1 for a RoI that counts for none
+    (background). Over the RoIs of object k:
+
+        g_k = 1[ mean_i teacher_scores_i > mean_i student_scores_i ]
+
+    (a score is e.g. the probability of the object's class, or the IoU of the
+    model's box with the object). An object with no RoI gets ``empty``. Ties give
+    False.
+    """
+    rows = teacher_scores.shape[0]
+    _check_rows("student_scores", student_scores, rows)
+    _check_rows("roi_objects", roi_objects, rows)
+    with torch.no_grad():
+        acc = _acc_dtype(teacher_scores, student_scores)
+        obj = roi_objects.detach().long()
+        keep = obj >= 0
+        idx = obj.clamp(min=0)
+        diff = (teacher_scores.detach().to(acc) - student_scores.detach().to(acc)) * keep.to(acc)
+        margin = torch.zeros(num_objects, dtype=acc, device=teacher_scores.device).index_add_(0, idx, diff)
+        count = torch.zeros(num_objects, dtype=acc, device=teacher_scores.device).index_add_(0, idx, keep.to(acc))
+        # sum_i (t_i - s_i) > 0  <=>  mean t > mean s (same count)
+        return torch.where(count > 0, margin > 0, torch.full_like(margin, bool(empty), dtype=torch.bool))
+
+
+def _smooth_l1(diff: Tensor, beta: float) -> Tensor:
+    """Elementwise SmoothL1_beta; plain L1 for beta < 1e-5 (fvcore's convention)."""
+    ad = diff.abs()
+    if beta < 1e-5:
+        return ad
+    return torch.where(ad < beta, 0.5 * diff.square() / beta, ad - 0.5 * beta)
+
+
 def tar_reg_loss(student_deltas: Tensor, teacher_deltas: Tensor, gate: Tensor, beta: float) -> Tensor:
     """Gated smooth-L1 distillation of box deltas.
 
@@ -98,11 +137,36 @@ def tar_reg_loss(student_deltas: Tensor, teacher_deltas: Tensor, gate: Tensor, b
     rows = _check_rows_pair("deltas", "(R, 4)", student_deltas, teacher_deltas)
     _check_rows("gate", gate, rows)
     acc = _acc_dtype(student_deltas, teacher_deltas)
-    diff = student_deltas.to(acc) - teacher_deltas.detach().to(acc)
-    ad = diff.abs()
-    if beta < 1e-5:
-        per = ad
-    else:
-        per = torch.where(ad < beta, 0.5 * diff.square() / beta, ad - 0.5 * beta)
+    per = _smooth_l1(student_deltas.to(acc) - teacher_deltas.detach().to(acc), beta)
     weighted = (per.sum(dim=-1) * gate.detach().to(acc)).sum()
     return weighted / max(rows, 1)
+
+
+def tar_bounded_reg_loss(
+    student_deltas: Tensor, teacher_deltas: Tensor, gt_deltas: Tensor, gate: Tensor, beta: float,
+    margin: float = 0.0,
+) -> Tensor:
+    """Teacher-bounded regression (Chen et al., NeurIPS 2017, in smooth-L1 form).
+
+    (R, 4) x 3, (R,) gate -> 0-dim:
+
+        e_S,i = sum_j SmoothL1_beta(d_S,ij - d_gt,ij),  e_T,i likewise for d_T
+        L = sum_i g_i * 1[e_S,i + margin > e_T,i] * e_S,i / max(R, 1)
+
+    The student is pulled towards the *ground truth*, never towards the teacher,
+    and only on the RoIs where its error exceeds the teacher's (the teacher is
+    an upper bound on the error, not a target). Teacher, ground truth and gate
+    are detached; the bound indicator carries no gradient.
+    """
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta!r}")
+    rows = _check_rows_pair("deltas", "(R, 4)", student_deltas, teacher_deltas)
+    _check_same_shape("student_deltas", student_deltas, "gt_deltas", gt_deltas)
+    _check_rows("gate", gate, rows)
+    acc = _acc_dtype(student_deltas, teacher_deltas, gt_deltas)
+    gt = gt_deltas.detach().to(acc)
+    err_s = _smooth_l1(student_deltas.to(acc) - gt, beta).sum(dim=-1)
+    with torch.no_grad():
+        err_t = _smooth_l1(teacher_deltas.detach().to(acc) - gt, beta).sum(dim=-1)
+        open_ = (err_s.detach() + margin > err_t) & gate.detach().bool()
+    return (err_s * open_.to(acc)).sum() / max(rows, 1)

@@ -28,7 +28,7 @@ weight; the distiller multiplies them by the schedule factor r(t).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode
@@ -286,16 +286,19 @@ class FeatureAdapters(nn.Module):
         student: Mapping[str, torch.Tensor],
         teacher: Mapping[str, torch.Tensor],
         masks: Mapping[str, torch.Tensor],
+        standardize: bool = False,
     ) -> torch.Tensor:
         s, t = self.pairs(student, teacher)
-        return feature_imitation_loss(s, t, [masks[k] for k in self.levels])
+        return feature_imitation_loss(s, t, [masks[k] for k in self.levels], standardize=standardize)
 
     def gaussian_masks(
-        self, gt_instances: Sequence[Instances], student: Mapping[str, torch.Tensor], sigma_ratio: float
+        self, gt_instances: Sequence[Instances], student: Mapping[str, torch.Tensor], sigma_ratio: float,
+        weights: Optional[Sequence[torch.Tensor]] = None,
     ) -> Dict[str, torch.Tensor]:
-        """Gaussian GT masks on the student's maps of the distilled levels."""
+        """Gaussian GT masks on the student's maps of the distilled levels; ``weights``:
+        per image, a (K,) weight of each object's Gaussian (a per-object gate)."""
         shapes = {k: student[k].shape for k in self.levels}
-        return gaussian_masks(gt_instances, shapes, self.strides, sigma_ratio)
+        return gaussian_masks(gt_instances, shapes, self.strides, sigma_ratio, weights)
 
 
 def gaussian_masks(
@@ -303,13 +306,17 @@ def gaussian_masks(
     shapes: Mapping[str, torch.Size],
     strides: Mapping[str, int],
     sigma_ratio: float,
+    weights: Optional[Sequence[torch.Tensor]] = None,
 ) -> Dict[str, torch.Tensor]:
     """level -> (N,H,W): per image, the max over its GT boxes of a Gaussian around
-    each box (sigma = sigma_ratio * box side, see :func:`d2_distill.losses.gaussian_mask`)."""
+    each box (sigma = sigma_ratio * box side, see :func:`d2_distill.losses.gaussian_mask`),
+    each multiplied by its weight when ``weights`` (per image, (K,)) are given."""
     out = {}
+    per_image = weights if weights is not None else [None] * len(gt_instances)
     for lvl, shape in shapes.items():
         h, w = shape[-2:]
         out[lvl] = torch.stack(
-            [gaussian_mask(inst.gt_boxes.tensor, h, w, strides[lvl], sigma_ratio) for inst in gt_instances]
+            [gaussian_mask(inst.gt_boxes.tensor, h, w, strides[lvl], sigma_ratio, weights=wt)
+             for inst, wt in zip(gt_instances, per_image)]
         )
     return out

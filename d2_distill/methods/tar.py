@@ -22,15 +22,25 @@ weights 0 the teacher's box head never runs.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 
-from ..losses import tar_cls_gate, tar_cls_loss, tar_reg_gate, tar_reg_loss
+from ..losses import (
+    rowwise_iou,
+    tar_bounded_reg_loss,
+    tar_cls_gate,
+    tar_cls_loss,
+    tar_object_gate,
+    tar_reg_gate,
+    tar_reg_loss,
+)
 from .base import DISTILL_METHOD_REGISTRY, DistillMethod, DistillStep, FeatureAdapters, check_same
 
 __all__ = ["TARMethod"]
@@ -60,8 +70,11 @@ class TARMethod(DistillMethod):
         "cls_rois": ("foreground", "all"),
         "cls_gate": ("adaptive", "none"),
         "reg_gate": ("student", "proposal", "none"),
+        "feat_gate": ("none", "cls", "iou"),
+        "feat_distance": ("l2", "standardized"),
+        "reg_loss": ("teacher", "bounded"),
     }
-    non_negative = ("feat_weight", "cls_weight", "reg_weight", "teacher_proposals_topk")
+    non_negative = ("feat_weight", "cls_weight", "reg_weight", "teacher_proposals_topk", "reg_bound_margin")
     positive = ("temperature", "gaussian_sigma_ratio")
 
     @classmethod
@@ -92,6 +105,23 @@ class TARMethod(DistillMethod):
         c.REG_GATE = "proposal"
         # Softmax temperature of the classification KL term.
         c.TEMPERATURE = 1.0
+        # Feature gate (ours; the paper's abstract: every level adapts to "which model
+        # performs more reasonably"): each ground-truth object's Gaussian is kept only
+        # where the teacher beats the student on that object's foreground RoIs,
+        # by the mean probability of the object's class ("cls") or the mean IoU of
+        # the decoded box with the object ("iou"); "none": every object (paper text).
+        c.FEAT_GATE = "none"
+        # Feature distance: "l2" (paper: squared L2 after the adapter) or
+        # "standardized" (ours: both maps standardised per image and channel inside
+        # the mask first, so the two FPNs' feature scales stop mattering).
+        c.FEAT_DISTANCE = "l2"
+        # Regression term: "teacher" (paper: smooth L1 from the student's deltas to
+        # the teacher's) or "bounded" (ours, after Chen et al. 2017: the student's own
+        # smooth-L1 error to the ground truth, counted only on RoIs where it exceeds
+        # the teacher's error plus REG_BOUND_MARGIN; the teacher never pulls the
+        # student away from the ground truth).
+        c.REG_LOSS = "teacher"
+        c.REG_BOUND_MARGIN = 0.0
 
     @classmethod
     def check_configs(cls, student_cfg: CfgNode, teacher_cfg: CfgNode) -> None:
@@ -126,6 +156,10 @@ class TARMethod(DistillMethod):
         cls_gate: str = "adaptive",
         reg_gate: str = "proposal",
         temperature: float = 1.0,
+        feat_gate: str = "none",
+        feat_distance: str = "l2",
+        reg_loss: str = "teacher",
+        reg_bound_margin: float = 0.0,
         adapter: str = "conv1x1",
     ):
         self.check_options(**locals())
@@ -139,6 +173,8 @@ class TARMethod(DistillMethod):
         self.teacher_topk = teacher_proposals_topk
         self.cls_rois, self.cls_gate, self.reg_gate = cls_rois, cls_gate, reg_gate
         self.temperature = temperature
+        self.feat_gate, self.feat_distance = feat_gate, feat_distance
+        self.reg_loss, self.reg_bound_margin = reg_loss, reg_bound_margin
         predictor = student.roi_heads.box_predictor
         self.num_classes = predictor.num_classes
         self.beta = predictor.smooth_l1_beta
@@ -154,20 +190,26 @@ class TARMethod(DistillMethod):
         return self.cls_weight > 0 or self.reg_weight > 0
 
     @property
+    def needs_rois(self) -> bool:
+        """Whether the teacher's box head runs on the student's sampled RoIs: for the
+        head terms, and for the feature gate."""
+        return self.heads_on or (self.feature is not None and self.feat_gate != "none")
+
+    @property
     def needs_teacher(self) -> bool:
         return self.feature is not None or self.heads_on
 
     def install(self, recorder) -> None:
         if self.feature is not None:
             recorder.record_output("features", "backbone")
-        if self.heads_on:
+        if self.needs_rois:
             inject = self._add_teacher_proposals if self.proposals == "both" else None
             recorder.record_return("sampled", "roi_heads", "label_and_sample_proposals", inject)
             recorder.record_output("box_predictions", "roi_heads.box_predictor")
 
     # ---- proposal sharing ---------------------------------------------------
     def before_student(self, step: DistillStep) -> None:
-        if not (self.heads_on and self.proposals == "both"):
+        if not (self.needs_rois and self.proposals == "both"):
             return
         teacher = self.teacher.model
         with torch.no_grad():
@@ -184,12 +226,15 @@ class TARMethod(DistillMethod):
     # ---- losses ---------------------------------------------------------------
     def forward(self, step: DistillStep) -> Dict[str, torch.Tensor]:
         losses: Dict[str, torch.Tensor] = {}
+        rois = self._roi_predictions(step) if self.needs_rois else None
         if self.feature is not None:
             feats = step.records["features"]
-            masks = self.feature.gaussian_masks(step.gt_instances, feats, self.sigma_ratio)
-            losses["loss_tar_feat"] = self.feat_weight * self.feature.imitation_loss(feats, step.teacher_features, masks)
+            weights = self._object_gates(step, rois) if self.feat_gate != "none" else None
+            masks = self.feature.gaussian_masks(step.gt_instances, feats, self.sigma_ratio, weights)
+            losses["loss_tar_feat"] = self.feat_weight * self.feature.imitation_loss(
+                feats, step.teacher_features, masks, standardize=self.feat_distance == "standardized")
         if self.heads_on:
-            losses.update(self._head_losses(step))
+            losses.update(self._head_losses(rois))
         return losses
 
     def teacher_box_predictions(self, step: DistillStep, boxes: List[Boxes]):
@@ -200,14 +245,43 @@ class TARMethod(DistillMethod):
             x = heads.box_head(heads.box_pooler(feats, boxes))
             return heads.box_predictor(x)
 
-    def _head_losses(self, step: DistillStep) -> Dict[str, torch.Tensor]:
+    def _roi_predictions(self, step: DistillStep) -> "_RoIs":
+        """Both models' predictions on the student's sampled RoIs (proposal sharing)."""
         sampled: List[Instances] = step.records["sampled"]
         s_logits, s_deltas = step.records["box_predictions"]
         boxes = [x.proposal_boxes for x in sampled]
         t_logits, t_deltas = self.teacher_box_predictions(step, boxes)
-
         gt_classes = torch.cat([x.gt_classes for x in sampled])
         fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
+        proposals = torch.cat([b.tensor for b in boxes])[fg]
+        gt_boxes = torch.cat(
+            [x.gt_boxes.tensor if x.has("gt_boxes") else x.proposal_boxes.tensor for x in sampled]
+        )[fg]
+        y = gt_classes[fg]
+        t_transform = self.teacher.model.roi_heads.box_predictor.box2box_transform
+        t_boxes = t_transform.apply_deltas(_class_deltas(t_deltas[fg], y), proposals)
+        return _RoIs(sampled, s_logits, s_deltas, t_logits, gt_classes, fg, proposals, gt_boxes, y, t_boxes)
+
+    def _object_gates(self, step: DistillStep, rois: "_RoIs") -> List[torch.Tensor]:
+        """Per image, the (K,) feature gate of its ground-truth objects (FEAT_GATE)."""
+        y = rois.y
+        if self.feat_gate == "cls":
+            idx = y[:, None]
+            t_score = F.softmax(rois.t_logits[rois.fg].detach().float(), dim=-1).gather(1, idx)[:, 0]
+            s_score = F.softmax(rois.s_logits[rois.fg].detach().float(), dim=-1).gather(1, idx)[:, 0]
+        else:  # "iou"
+            s_boxes = self.student_transform.apply_deltas(_class_deltas(rois.s_deltas[rois.fg].detach(), y),
+                                                          rois.proposals)
+            t_score = rowwise_iou(rois.t_boxes, rois.gt_boxes)
+            s_score = rowwise_iou(s_boxes, rois.gt_boxes)
+        objects = _roi_objects(rois.sampled, step.gt_instances, self.num_classes)[rois.fg]
+        gate = tar_object_gate(t_score, s_score, objects, sum(len(x) for x in step.gt_instances))
+        if get_event_storage().iter % 20 == 0 and gate.numel():
+            get_event_storage().put_scalar("distill/tar_feat_gate_rate", gate.float().mean())
+        return list(gate.split([len(x) for x in step.gt_instances]))
+
+    def _head_losses(self, rois: "_RoIs") -> Dict[str, torch.Tensor]:
+        fg, gt_classes = rois.fg, rois.gt_classes
         # Both head terms are normalised by all sampled RoIs, as detectron2 normalises
         # loss_cls and loss_box_reg, so a weight of 1 makes each as strong as its
         # ground-truth term. The loss functions average over the rows they are given:
@@ -218,7 +292,7 @@ class TARMethod(DistillMethod):
 
         if self.cls_weight > 0:
             rows = fg if self.cls_rois == "foreground" else torch.ones_like(fg)
-            zs, zt, y = s_logits[rows], t_logits[rows], gt_classes[rows]
+            zs, zt, y = rois.s_logits[rows], rois.t_logits[rows], gt_classes[rows]
             gate = tar_cls_gate(zs, zt, y) if self.cls_gate == "adaptive" else torch.ones_like(y, dtype=torch.bool)
             share = zs.shape[0] / sampled_rows
             out["loss_tar_cls"] = self.cls_weight * share * tar_cls_loss(zs, zt, gate, self.temperature)
@@ -226,14 +300,8 @@ class TARMethod(DistillMethod):
                 get_event_storage().put_scalar("distill/tar_cls_gate_rate", gate.float().mean().nan_to_num(0.0))
 
         if self.reg_weight > 0:
-            proposals = torch.cat([b.tensor for b in boxes])[fg]
-            gt_boxes = torch.cat(
-                [x.gt_boxes.tensor if x.has("gt_boxes") else x.proposal_boxes.tensor for x in sampled]
-            )[fg]
-            y = gt_classes[fg]
-            ds = _class_deltas(s_deltas[fg], y)
-            t_transform = self.teacher.model.roi_heads.box_predictor.box2box_transform
-            t_boxes = t_transform.apply_deltas(_class_deltas(t_deltas[fg], y), proposals)
+            proposals, gt_boxes, y, t_boxes = rois.proposals, rois.gt_boxes, rois.y, rois.t_boxes
+            ds = _class_deltas(rois.s_deltas[fg], y)
             dt = self.student_transform.get_deltas(proposals, t_boxes)  # teacher, in the student's encoding
             if self.reg_gate == "student":
                 ref = self.student_transform.apply_deltas(ds.detach(), proposals)
@@ -243,7 +311,48 @@ class TARMethod(DistillMethod):
             else:
                 gate = torch.ones_like(y, dtype=torch.bool)
             share = ds.shape[0] / sampled_rows
-            out["loss_tar_reg"] = self.reg_weight * share * tar_reg_loss(ds, dt, gate, self.beta)
+            if self.reg_loss == "bounded":
+                dgt = self.student_transform.get_deltas(proposals, gt_boxes)
+                loss = tar_bounded_reg_loss(ds, dt, dgt, gate, self.beta, self.reg_bound_margin)
+            else:
+                loss = tar_reg_loss(ds, dt, gate, self.beta)
+            out["loss_tar_reg"] = self.reg_weight * share * loss
             if log:
                 get_event_storage().put_scalar("distill/tar_reg_gate_rate", gate.float().mean().nan_to_num(0.0))
         return out
+
+
+@dataclass
+class _RoIs:
+    """The student's sampled RoIs with both models' predictions; the ``fg`` rows
+    (foreground) also decoded: proposals, GT boxes and classes, teacher boxes."""
+
+    sampled: List[Instances]
+    s_logits: torch.Tensor  # (R, K+1), all sampled RoIs
+    s_deltas: torch.Tensor  # (R, 4K) or (R, 4)
+    t_logits: torch.Tensor  # (R, K+1)
+    gt_classes: torch.Tensor  # (R,)
+    fg: torch.Tensor  # (R,) bool
+    proposals: torch.Tensor  # (F, 4)
+    gt_boxes: torch.Tensor  # (F, 4)
+    y: torch.Tensor  # (F,)
+    t_boxes: torch.Tensor  # (F, 4)
+
+
+def _roi_objects(sampled: List[Instances], gt_instances: List[Instances], num_classes: int) -> torch.Tensor:
+    """(R,) index of the ground-truth object each sampled RoI is labelled with, counted
+    over the batch's objects (image by image), -1 for background RoIs. detectron2
+    stores the matched object's box, not its index: the box is looked up among the
+    image's ground-truth boxes (identical boxes share the first one's index)."""
+    out, offset = [], 0
+    for x, gt in zip(sampled, gt_instances):
+        k = len(gt)
+        fg = (x.gt_classes >= 0) & (x.gt_classes < num_classes)
+        if k == 0 or not x.has("gt_boxes"):
+            out.append(torch.full_like(x.gt_classes, -1))
+        else:
+            same = (x.gt_boxes.tensor[:, None, :] == gt.gt_boxes.tensor[None, :, :]).all(dim=-1)  # (R, K)
+            idx = same.to(torch.int8).argmax(dim=1) + offset
+            out.append(torch.where(fg & same.any(dim=1), idx, torch.full_like(idx, -1)))
+        offset += k
+    return torch.cat(out)

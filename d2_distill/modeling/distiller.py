@@ -41,6 +41,7 @@ from ..losses import DistillSchedule
 from ..methods import DistillMethod, DistillStep, method_class
 from ..student import METHOD_PREFIX, student_cfg
 from .capture import Recorder
+from .diagnostics import gradient_ratios, student_parts
 from .teacher import FrozenTeacher, build_teacher, check_teacher_weights, common_divisibility, load_teacher_cfg
 
 __all__ = ["Distiller", "attach_teacher", "build_schedule"]
@@ -87,6 +88,7 @@ class Distiller(nn.Module):
         method: Optional[DistillMethod] = None,
         schedule: Optional[DistillSchedule] = None,
         input_format: str = "BGR",
+        grad_period: int = 0,
     ):
         """
         Args:
@@ -95,6 +97,8 @@ class Distiller(nn.Module):
                 both or neither (then the distiller evaluates only; see :meth:`attach`).
             schedule: r(t) multiplying every distillation loss; None = constant 1.
             input_format: the student's INPUT.FORMAT (the teacher converts RGB<->BGR).
+            grad_period: every this many iterations, log the distillation losses'
+                gradient ratios (:mod:`d2_distill.modeling.diagnostics`); 0 = never.
         """
         super().__init__()
         self.student = student
@@ -103,6 +107,7 @@ class Distiller(nn.Module):
         self.recorder: Optional[Recorder] = None
         self.schedule = schedule
         self.input_format = input_format
+        self.grad_period = int(grad_period)
         self.size_divisibility = 1
         self.register_load_state_dict_pre_hook(_plain_student_state_into_student)
         self.register_load_state_dict_post_hook(_ignore_method_state_without_method)
@@ -115,7 +120,8 @@ class Distiller(nn.Module):
         loaded from DISTILL.TEACHER.WEIGHTS) and the method."""
         validate_distill_cfg(cfg)
         student = build_model(student_cfg(cfg))
-        ret = {"student": student, "schedule": build_schedule(cfg), "input_format": cfg.INPUT.FORMAT}
+        ret = {"student": student, "schedule": build_schedule(cfg), "input_format": cfg.INPUT.FORMAT,
+               "grad_period": cfg.DISTILL.DIAGNOSTICS.GRAD_PERIOD}
         if with_teacher:
             ret["teacher"], ret["method"] = _teacher_and_method(cfg, student)
         return ret
@@ -177,7 +183,17 @@ class Distiller(nn.Module):
         losses = dict(step.student_losses)
         for name, value in distill_losses.items():
             losses[name] = value * r
+        if self.grad_period > 0 and storage.iter % self.grad_period == 0:
+            self._log_gradient_ratios(storage, step.student_losses, {k: losses[k] for k in distill_losses})
         return losses
+
+    def _log_gradient_ratios(self, storage, student_losses, distill_losses) -> None:
+        detection = sum(v for v in student_losses.values() if v.requires_grad)
+        if not isinstance(detection, torch.Tensor):
+            return
+        ratios = gradient_ratios(detection, distill_losses, student_parts(self.student))
+        for key, value in ratios.items():
+            storage.put_scalar(f"distill/grad_ratio/{key}", value, smoothing_hint=False)
 
 
 def _plain_student_state_into_student(
