@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--output", default="output/runs", help="folder of the runs (shared with the demo) and the JSON")
     p.add_argument("--rows", nargs="*", help="only these row names (default: all)")
     p.add_argument("--no-extra", action="store_true", help="only plain / + components / full")
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY VALUE"),
+                   help="an extra row: the config with these opts (repeat the flag for more rows), "
+                        "e.g. --variant fw0.1 DISTILL.TAR.FEAT_WEIGHT 0.1; NAME is the row's name and folder")
     p.add_argument("--baselines", action="store_true",
                    help="also the full rows of the other methods with a config for this student architecture")
     p.add_argument("--teacher-weights", default="", help="use this teacher checkpoint instead of the quickstart's")
@@ -59,6 +62,9 @@ def parse_args(argv=None):
     lab.check_positive(p, "--jobs", args.jobs)
     lab.check_seeds(p, args.seeds)
     lab.check_file(p, "--teacher-weights", args.teacher_weights)
+    for v in args.variant:
+        if len(v) < 3 or len(v) % 2 == 0:
+            p.error(f"--variant needs a name and KEY VALUE pairs, got {v}")
     if args.evaluate_on:
         from d2_distill.data import SPLITS
 
@@ -92,7 +98,7 @@ def table_path(args) -> str:
     names = [r.name for r in plan(args)]
     name = f"ablation_{args.setup.key}_{args.iters}it_seeds{'-'.join(map(str, args.seeds))}"
     if names != default or args.opts or args.teacher_weights:
-        what = json.dumps([names, list(args.opts), args.teacher_weights])
+        what = json.dumps([names, list(args.opts), args.teacher_weights] + ([args.variant] if args.variant else []))
         name += "_" + hashlib.sha1(what.encode()).hexdigest()[:8]
     if args.evaluate_on:
         name += f"_on_{args.evaluate_on}"
@@ -100,10 +106,12 @@ def table_path(args) -> str:
 
 
 def plan(args):
-    """The rows to run, baselines after the method's rows, filtered by ``--rows``."""
+    """The rows to run, baselines after the method's rows, filtered by ``--rows``; then
+    the ``--variant`` rows."""
     rows = lab.ablation_rows(args.setup, extra=not args.no_extra)
     rows += [lab.full_row(s) for s in args.baseline_setups]
-    return [r for r in rows if not args.rows or r.name in args.rows]
+    rows = [r for r in rows if not args.rows or r.name in args.rows]
+    return rows + [lab.Row(v[0], args.setup.config, list(v[1:])) for v in args.variant]  # asked for by name
 
 
 def same_run_key(row, opts) -> str:

@@ -874,3 +874,22 @@ def test_jobs_workers_end_when_the_benchmark_is_killed(tmp_path, frcnn_teacher_w
         for p in workers:
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_ablation_variant_rows(capsys, frcnn_teacher_weights):
+    """--variant NAME KEY VALUE ... adds a row of the config with those opts; its opts
+    name the table; a malformed variant is a usage error."""
+    argv = ["--method", "tar", "--rows", "plain student", "--iters", "1", "--seeds", "0",
+            "--variant", "fw0.1", "DISTILL.TAR.FEAT_WEIGHT", "0.1",
+            "--variant", "bounded", "DISTILL.TAR.REG_LOSS", "bounded", "DISTILL.TAR.REG_GATE", "none"]
+    args = ablation.parse_args(argv)
+    rows = ablation.plan(args)
+    assert [r.name for r in rows] == ["plain student", "fw0.1", "bounded"]
+    assert rows[2].opts == ["DISTILL.TAR.REG_LOSS", "bounded", "DISTILL.TAR.REG_GATE", "none"]
+    assert rows[1].config == rows[2].config == args.setup.config
+    entries = {e["row"]: e for e in ablation.resolve(rows, args, frcnn_teacher_weights)}
+    assert "row_obj" in entries["fw0.1"] and "row_obj" in entries["bounded"]
+    other = ablation.parse_args(argv[:-6] + ["--variant", "bounded", "DISTILL.TAR.REG_LOSS", "teacher"])
+    assert ablation.table_path(args) != ablation.table_path(other)
+    _assert_usage_error(ablation.parse_args, ["--method", "tar", "--variant", "x", "DISTILL.TAR.FEAT_WEIGHT"],
+                        "--variant needs a name and KEY VALUE pairs", capsys)
