@@ -11,9 +11,9 @@ neither needed nor read, unless DISTILL.EVAL.TEACHER asks to evaluate it too.
 """
 import logging
 
-# Known third-party deprecation warnings (detectron2 on torch 2.14), silenced
-# before detectron2 is first imported; d2_distill's own warnings stay visible.
-from benchmarks.quiet import silence_third_party_warnings
+# Known third-party deprecation warnings (detectron2 on torch 2.14) are silenced
+# for this program; d2_distill's own warnings stay visible.
+from d2_distill.quiet import silence_third_party_warnings
 
 silence_third_party_warnings()
 

@@ -12,12 +12,11 @@ Run every script from the repository root as a module::
                   nothing that decides its result changed;
 * ``setups``   -- the lab's tables and the method discovery: which distilled
                   configs exist, their teachers and plain students, ablation rows,
-                  schedules, run folders, command-line helpers;
-* ``quiet``    -- known third-party deprecation warnings, silenced for the lab.
+                  schedules, run folders, command-line helpers.
 
-Importing this package installs the ``quiet`` filters, before any script of it
-imports detectron2 (whose imports emit them); the library itself never does.
+Importing this package installs the library's filters of detectron2's known
+deprecation warnings (:mod:`d2_distill.quiet`), as ``train_net.py`` does.
 """
-from .quiet import silence_third_party_warnings
+from d2_distill.quiet import silence_third_party_warnings
 
 silence_third_party_warnings()

@@ -201,27 +201,27 @@ def test_distill_gain_teacher_weights(tmp_path):
     a = distill_gain.parse_args(["--methods", "TAR", "--teacher-weights", str(w)])
     # every TAR config distils from the same teacher config: a bare PATH serves them all
     tar_configs = {s.key for s in setups.discover_setups()["tar"]}
-    assert {"tar_faster_rcnn", "tar_faster_rcnn_cls_only"} <= tar_configs
+    assert {"tar_faster_rcnn", "tar_faster_rcnn_paper"} <= tar_configs
     assert a.methods == ["tar"] and a.teacher_weights == {k: str(w) for k in tar_configs}
-    a = distill_gain.parse_args(["--methods", "tar", "--teacher-weights", f"tar_faster_rcnn_cls_only={w}"])
-    assert a.teacher_weights == {"tar_faster_rcnn_cls_only": str(w)}
+    a = distill_gain.parse_args(["--methods", "tar", "--teacher-weights", f"tar_faster_rcnn_paper={w}"])
+    assert a.teacher_weights == {"tar_faster_rcnn_paper": str(w)}
     a = distill_gain.parse_args(["--methods", "tar", "tbd", "--teacher-weights", f"tbd={w}", "--iters", "2",
                                  "SOLVER.STEPS", "()"])
-    assert a.teacher_weights == {k: str(w) for k in ("tbd_retinanet", "tbd_retinanet_tfd8")}
+    assert a.teacher_weights == {k: str(w) for k in ("tbd_retinanet", "tbd_retinanet_paper")}
     assert a.opts == ["SOLVER.STEPS", "()"]
     a = distill_gain.parse_args(["--methods", "tar", "tbd", "--teacher-weights", f"tar_faster_rcnn={w}"])
     assert a.teacher_weights == {"tar_faster_rcnn": str(w)}
 
 
 def test_distill_gain_methods_may_name_single_configs():
-    a = distill_gain.parse_args(["--methods", "tbd_retinanet", "TAR_faster_rcnn_cls_only"])
-    assert [s.key for s in a.setups] == ["tbd_retinanet", "tar_faster_rcnn_cls_only"]
-    a = distill_gain.parse_args(["--methods", "tar", "tar_faster_rcnn_cls_only"])  # the config once
+    a = distill_gain.parse_args(["--methods", "tbd_retinanet", "TAR_faster_rcnn_paper"])
+    assert [s.key for s in a.setups] == ["tbd_retinanet", "tar_faster_rcnn_paper"]
+    a = distill_gain.parse_args(["--methods", "tar", "tar_faster_rcnn_paper"])  # the config once
     assert [s.key for s in a.setups] == [s.key for s in setups.discover_setups()["tar"]]
-    assert {"tar_faster_rcnn", "tar_faster_rcnn_cls_only"} <= {s.key for s in a.setups}
-    w = "tar_faster_rcnn_cls_only=" + __file__
-    a = distill_gain.parse_args(["--methods", "tar_faster_rcnn_cls_only", "--teacher-weights", w])
-    assert a.teacher_weights == {"tar_faster_rcnn_cls_only": __file__}
+    assert {"tar_faster_rcnn", "tar_faster_rcnn_paper"} <= {s.key for s in a.setups}
+    w = "tar_faster_rcnn_paper=" + __file__
+    a = distill_gain.parse_args(["--methods", "tar_faster_rcnn_paper", "--teacher-weights", w])
+    assert a.teacher_weights == {"tar_faster_rcnn_paper": __file__}
 
 
 def test_gap_closed():
@@ -453,7 +453,8 @@ def test_ablation_rows_resolve_without_training(monkeypatch, frcnn_teacher_weigh
         ("no such option", ["DISTILL.TAR.NO_SUCH_OPTION", "1"]),
         ("no decay", ["DISTILL.SCHEDULE.KIND", "constant"]),
     ])
-    args = ablation.parse_args(["--method", "tar", "--baselines", "--iters", "1", "--seeds", "0", "1", "--", *TINY])
+    args = ablation.parse_args(["--method", "tar", "--config", "tar_faster_rcnn_paper", "--baselines", "--iters", "1",
+                                "--seeds", "0", "1", "--", *TINY])
     rows = ablation.plan(args)
     names = [r.name for r in rows]
     assert names[:5] == ["plain student", "+ feature", "+ classification", "+ regression", "full TAR"]

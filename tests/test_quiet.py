@@ -1,6 +1,8 @@
-"""benchmarks.quiet: the lab's entry points hide detectron2's known deprecation
-warnings (torch.jit.script, torch.meshgrid, pkg_resources) and torch.fx's logged
-is_fx_tracing notice, and nothing else."""
+"""d2_distill.quiet: ``import d2_distill`` prints none of detectron2's known
+deprecation warnings and leaves the program's warning filters as they were; the
+entry points (train_net.py, the lab) hide them (torch.jit.script, torch.meshgrid,
+pkg_resources) and torch.fx's logged is_fx_tracing notice for the whole run, and
+nothing else."""
 import os
 import subprocess
 import sys
@@ -36,13 +38,28 @@ def _stderr(prelude: str) -> str:
     return proc.stderr
 
 
-def test_the_lab_silences_detectron2s_known_deprecations_only():
-    noisy = _stderr("")  # the library alone changes no warning filter
-    assert "torch/jit/_script.py" in noisy and "FutureWarning: `torch.jit.script` is deprecated" in noisy
-    assert "d2_distill own warning" in noisy and "pkg_resources is deprecated" in noisy
+def test_importing_the_library_is_quiet_and_keeps_the_filters():
+    code = ("import warnings; before = list(warnings.filters); import d2_distill; "
+            "assert warnings.filters == before, 'filters changed'")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr, proc.stderr
+
+
+def test_entry_points_silence_detectron2s_known_deprecations_only():
+    noisy = _stderr("")  # the library changes no warning filter: a model build still warns
+    assert "pkg_resources is deprecated" in noisy
+    assert "d2_distill own warning" in noisy
     assert "is_fx_tracing will return true" in noisy and "another torch.fx notice" in noisy
 
-    quiet = _stderr("import benchmarks.demo  # the demo's import path installs the filters")
+    for prelude in ("import benchmarks.demo  # the lab's import path installs the filters",
+                    "from d2_distill.quiet import silence_third_party_warnings; silence_third_party_warnings()"):
+        _assert_quiet(_stderr(prelude))
+
+
+def _assert_quiet(quiet: str) -> None:
     lines = [line for line in quiet.splitlines() if "Warning:" in line]
     known = ("torch/jit/_script.py", "torch.meshgrid", "pkg_resources is deprecated")
     assert not [line for line in lines if any(k in line for k in known)], lines

@@ -182,10 +182,10 @@ def test_head_terms_are_normalised_by_all_sampled_rois(frcnn_teacher_weights, mo
     assert losses["loss_tar_reg"].item() == pytest.approx(2.0 * mean_reg.item() * n_reg / sampled[0], rel=1e-5)
 
 
-def test_cls_only_quickstart_config_distils_only_the_classification_term(frcnn_teacher_weights):
-    """configs/quickstart/tar_faster_rcnn_cls_only.yaml: TAR's classification term on
-    shared proposals, no feature adapters (nothing extra to train or export)."""
-    model = build(cfg_for("tar_faster_rcnn_cls_only.yaml", teacher=frcnn_teacher_weights))
+def test_recommended_config_distils_only_the_classification_term(frcnn_teacher_weights):
+    """configs/quickstart/tar_faster_rcnn.yaml: TAR's classification term on shared
+    proposals, no feature adapters (nothing extra to train or export)."""
+    model = build(cfg_for("tar_faster_rcnn.yaml", teacher=frcnn_teacher_weights))
     box_head_calls = _count_calls(model.teacher.model.roi_heads.box_head)
     losses = _step(model, fake_batch(2))
     assert set(k for k in losses if k.startswith("loss_tar")) == {"loss_tar_cls"}
@@ -193,21 +193,19 @@ def test_cls_only_quickstart_config_distils_only_the_classification_term(frcnn_t
     assert not list(model.method.parameters())
 
 
-@pytest.mark.parametrize("config,temperature", [("tar_faster_rcnn_cls_t2.yaml", 2.0),
-                                                ("tar_faster_rcnn_cls_t4.yaml", 4.0),
-                                                ("tar_faster_rcnn_cls_t8.yaml", 8.0),
-                                                ("tar_faster_rcnn_cls_t16.yaml", 16.0),
-                                                ("tar_faster_rcnn_cls_t32.yaml", 32.0)])
-def test_tuned_temperature_quickstart_config_softens_only_the_classification_term(
-        frcnn_teacher_weights, monkeypatch, config, temperature):
-    """configs/quickstart/tar_faster_rcnn_cls_t{2,4,8,16,32}.yaml: tar_faster_rcnn_cls_only.yaml
-    with only DISTILL.TAR.TEMPERATURE changed, and that temperature is the one the
-    classification KL term is computed with."""
+def test_recommended_config_differs_from_the_papers_defaults_only_in_tar_options(frcnn_teacher_weights, monkeypatch):
+    """tar_faster_rcnn.yaml against tar_faster_rcnn_paper.yaml (every DISTILL.TAR option
+    at its default): only TAR's options and the decay differ, and the KL term is
+    computed at the recommended temperature."""
     import d2_distill.methods.tar as tar_module
 
-    base, tuned = (cfg_for(c, teacher=frcnn_teacher_weights) for c in ("tar_faster_rcnn_cls_only.yaml", config))
-    assert changed_keys(base, tuned) == {"DISTILL.TAR.TEMPERATURE", "OUTPUT_DIR"}
-    assert tuned.DISTILL.TAR.TEMPERATURE == temperature
+    paper, tuned = (cfg_for(c, teacher=frcnn_teacher_weights) for c in ("tar_faster_rcnn_paper.yaml",
+                                                                           "tar_faster_rcnn.yaml"))
+    assert changed_keys(paper, tuned) == {"DISTILL.TAR.FEAT_WEIGHT", "DISTILL.TAR.REG_WEIGHT", "DISTILL.TAR.TEMPERATURE",
+                                          "DISTILL.SCHEDULE.KIND", "DISTILL.SCHEDULE.ITERS_PER_EPOCH", "OUTPUT_DIR"}
+    from d2_distill.engine import setup_cfg
+
+    assert paper.DISTILL.TAR == setup_cfg("").DISTILL.TAR  # the paper config: every default
     seen = []
     real = tar_module.tar_cls_loss
 
@@ -216,20 +214,23 @@ def test_tuned_temperature_quickstart_config_softens_only_the_classification_ter
         return real(student_logits, teacher_logits, gate, temperature)
 
     monkeypatch.setattr(tar_module, "tar_cls_loss", recording)
-    losses = [_step(build(cfg), fake_batch(2)) for cfg in (base, tuned)]
-    assert seen == [1.0, temperature]
-    assert all(set(k for k in l if k.startswith("loss_tar")) == {"loss_tar_cls"} for l in losses)
+    for cfg in (paper, tuned):
+        _step(build(cfg), fake_batch(2))
+    assert seen == [1.0, tuned.DISTILL.TAR.TEMPERATURE] and seen[1] > 1.0
 
 
-def test_cls_only_quickstart_config_decays_per_epoch_of_the_training_split():
+def test_recommended_config_decays_per_epoch_of_the_training_split():
     """The paper's per-epoch decay, its epoch length matching the config's own
     training split and batch (a changed dataset or batch must update the config)."""
-    from benchmarks.setups import iters_per_epoch
+    import math
+
+    from d2_distill.data import SPLITS
     from d2_distill.engine import setup_cfg
     from d2_distill.modeling.distiller import build_schedule
 
-    cfg = setup_cfg(qs("tar_faster_rcnn_cls_only.yaml"))
+    cfg = setup_cfg(qs("tar_faster_rcnn.yaml"))
     schedule = build_schedule(cfg)
-    assert schedule.kind == "step" and schedule.iters_per_epoch == iters_per_epoch(cfg)
+    images = sum(SPLITS[name]["num_images"] for name in cfg.DATASETS.TRAIN)
+    assert schedule.kind == "step" and schedule.iters_per_epoch == math.ceil(images / cfg.SOLVER.IMS_PER_BATCH)
     e = schedule.iters_per_epoch
     assert schedule(0) == schedule(e - 1) == 1.0 and schedule(e) < 1.0

@@ -167,11 +167,11 @@ def test_hd_weighting_is_checked(retina_teacher_weights):
         build(cfg_for("tbd_retinanet.yaml", "DISTILL.TBD.HD_WEIGHTING", "equal", teacher=retina_teacher_weights))
 
 
-def test_tuned_tfd_quickstart_config_is_tbd_with_a_stronger_tfd_term(retina_teacher_weights):
-    """configs/quickstart/tbd_retinanet_tfd8.yaml: the TBD quickstart with only
-    DISTILL.TBD.TFD_WEIGHT changed, so its TFD loss is that weight times TBD's on the
-    same weights and batch, and its HD loss is TBD's."""
-    base, tuned = (cfg_for(c, teacher=retina_teacher_weights) for c in ("tbd_retinanet.yaml", "tbd_retinanet_tfd8.yaml"))
+def test_recommended_config_is_the_papers_tbd_with_a_stronger_tfd_term(retina_teacher_weights):
+    """configs/quickstart/tbd_retinanet.yaml: tbd_retinanet_paper.yaml with only
+    DISTILL.TBD.TFD_WEIGHT changed, so its TFD loss is that weight times the paper
+    setting's on the same weights and batch, and its HD loss is the same."""
+    base, tuned = (cfg_for(c, teacher=retina_teacher_weights) for c in ("tbd_retinanet_paper.yaml", "tbd_retinanet.yaml"))
     assert changed_keys(base, tuned) == {"DISTILL.TBD.TFD_WEIGHT", "OUTPUT_DIR"} and tuned.DISTILL.TBD.TFD_WEIGHT > 1.0
     losses = []
     for cfg in (base, tuned):

@@ -31,6 +31,7 @@ from detectron2.utils.logger import setup_logger
 from ..config import add_distill_config
 from ..data import ensure_datasets
 from ..modeling import attach_teacher
+from ..modeling.teacher import teacher_config_beside
 from .amp import CPUAutocastTrainer, warn_if_emulated
 from .checkpoint import DistillCheckpointer
 from .ddp import wrap_ddp
@@ -58,6 +59,9 @@ def setup_cfg(config_file: str, opts: Optional[List[str]] = None, args=None) -> 
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
         cfg.merge_from_file(config_file)
+        # like _BASE_: a teacher config named by a relative path is looked up beside
+        # the file that names it first (opts given on the command line are not)
+        cfg.DISTILL.TEACHER.CONFIG_FILE = teacher_config_beside(config_file, cfg.DISTILL.TEACHER.CONFIG_FILE)
     cfg.merge_from_list(list(opts or []))
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         _warn_cpu_fallback(cfg.MODEL.DEVICE)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Callable, Dict, Iterator, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -40,22 +40,20 @@ __all__ = [
     "common_divisibility",
     "load_teacher_cfg",
     "resolve_config_file",
+    "teacher_config_beside",
 ]
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 def resolve_config_file(name: str, what: str = "DISTILL.TEACHER.CONFIG_FILE") -> str:
-    """A config path (absolute, cwd-relative or project-relative) or a model-zoo name."""
+    """A config path (absolute or relative to the working directory) or a model-zoo
+    name. (A path relative to the config file that names it has been made usable by
+    :func:`teacher_config_beside`, which ``setup_cfg`` applies.)"""
     if not name:
         raise ValueError(f"{what} is empty: name the teacher's detectron2 config (a file or a model-zoo name)")
-    tried = []
-    for cand in (name, os.path.join(PROJECT_ROOT, name)):
-        tried.append(os.path.abspath(cand))
-        if os.path.isfile(cand):
-            return cand
+    tried = [os.path.abspath(name)]
+    if os.path.isfile(name):
+        return name
     try:
         from detectron2 import model_zoo
 
@@ -66,6 +64,50 @@ def resolve_config_file(name: str, what: str = "DISTILL.TEACHER.CONFIG_FILE") ->
         pass
     tried.append(f"detectron2 model zoo entry {name!r}")
     raise FileNotFoundError(f"{what}={name!r} not found; tried: " + "; ".join(tried))
+
+
+def _naming_file(config_file: str, keys: Sequence[str]) -> Optional[str]:
+    """The file of ``config_file``'s ``_BASE_`` chain whose value of ``keys`` wins
+    (the including file over its bases, a later base over an earlier one)."""
+    import yaml
+
+    with open(config_file) as f:
+        data = yaml.safe_load(f) or {}
+    node = data
+    for k in keys:
+        node = node.get(k) if isinstance(node, dict) else None
+    if node is not None:
+        return config_file
+    bases = data.get("_BASE_") or []
+    for base in reversed(bases if isinstance(bases, list) else [bases]):
+        if base.startswith("~"):
+            base = os.path.expanduser(base)
+        if not os.path.isabs(base) and "://" not in base:
+            base = os.path.join(os.path.dirname(config_file), base)
+        if os.path.isfile(base):
+            found = _naming_file(base, keys)
+            if found is not None:
+                return found
+    return None
+
+
+def teacher_config_beside(config_file: str, name: str) -> str:
+    """DISTILL.TEACHER.CONFIG_FILE as a config file names it: like ``_BASE_``, a
+    relative path is first looked up beside the file that names it (the config
+    itself or one of its bases). Returns that path (relative to the working
+    directory when it lies below it), or ``name`` unchanged when there is no such
+    file (then the working directory and the model zoo are tried when the teacher
+    is built, see :func:`resolve_config_file`)."""
+    if not name or os.path.isabs(name):
+        return name
+    origin = _naming_file(config_file, ("DISTILL", "TEACHER", "CONFIG_FILE"))
+    if origin is None:
+        return name
+    beside = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(origin)), name))
+    if not os.path.isfile(beside):
+        return name
+    rel = os.path.relpath(beside)
+    return beside if rel.startswith("..") else rel
 
 
 def load_teacher_cfg(cfg: CfgNode) -> CfgNode:

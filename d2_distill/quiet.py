@@ -1,23 +1,26 @@
-"""Known third-party deprecation warnings (and one torch log notice), silenced at the lab's entry points.
+"""Known third-party deprecation warnings (and one torch log notice) of detectron2 on torch 2.14.
 
 detectron2 (upstream, April 2024) calls APIs that torch 2.14 and setuptools
 deprecate; its imports, model builds and traced forwards repeat the warnings,
-which buried the demo's own output under hundreds of lines. The filters below match each warning
-by its message *and* the module it is attributed to, so nothing else is hidden:
-d2_distill's own warnings, and any new warning of these libraries, still show.
+which bury a training log under hundreds of lines. The filters below match each
+warning by its message *and* the module it is attributed to, so nothing else is
+hidden: d2_distill's own warnings, and any new warning of these libraries, still show.
 
-Only entry points install them: the ``benchmarks`` package on import, before
-any of its scripts imports detectron2 (``train_net.py``, the library's own entry
-point, would need the same filters before its first detectron2 import, since it
-does not import the lab). The library never changes the warning filters of the
-program that imports it.
+* :func:`known_warnings_ignored` -- a context manager; ``import d2_distill`` runs
+  its own imports of detectron2 inside it, so importing the package prints none
+  of them. The program's warning filters are restored on exit: the library never
+  changes them.
+* :func:`silence_third_party_warnings` -- installs the filters for the rest of the
+  process; called by entry points only (``train_net.py``, the lab's scripts).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from typing import Iterator
 
-__all__ = ["KNOWN_LOG_NOTICES", "KNOWN_WARNINGS", "silence_third_party_warnings"]
+__all__ = ["KNOWN_LOG_NOTICES", "KNOWN_WARNINGS", "known_warnings_ignored", "silence_third_party_warnings"]
 
 # (message regex, category, module regex): all three must match.
 KNOWN_WARNINGS = (
@@ -49,12 +52,25 @@ class _DropKnownNotice(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
+def _ignore_known() -> None:
+    for message, category, module in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+@contextlib.contextmanager
+def known_warnings_ignored() -> Iterator[None]:
+    """The warnings of :data:`KNOWN_WARNINGS` are ignored inside the block; the
+    warning filters are restored on exit."""
+    with warnings.catch_warnings():
+        _ignore_known()
+        yield
+
+
 def silence_third_party_warnings() -> None:
     """Ignore the warnings of :data:`KNOWN_WARNINGS` in this process (and the data
     loader workers it forks), and drop the log records of :data:`KNOWN_LOG_NOTICES`
     (only those: the same loggers' other records still show). Idempotent."""
-    for message, category, module in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    _ignore_known()
     for name, prefix in KNOWN_LOG_NOTICES:
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropKnownNotice) and f.prefix == prefix for f in log.filters):
