@@ -31,6 +31,7 @@ from . import setups as lab
 from .runs import console_and_log, evaluate_on, fingerprint, setup_logging
 
 COLUMNS = ("AP", "AP50", "AP75", "harmonious_ratio", "mean_abs_gap")
+TEACHER_ID = "teacher"
 
 
 def parse_args(argv=None):
@@ -42,7 +43,8 @@ def parse_args(argv=None):
                    help="student schedule (SOLVER.MAX_ITER); default: the plain student config's own")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="training seeds (default 0)")
     p.add_argument("--output", default="output/runs", help="folder of the runs (shared with the demo) and the JSON")
-    p.add_argument("--rows", nargs="*", help="only these row names (default: all)")
+    p.add_argument("--rows", nargs="*", help="only these rows, by id (plain_student, full_TAR, ...) or label "
+                                             "(default: all)")
     p.add_argument("--no-extra", action="store_true", help="only plain / + components / full")
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY VALUE"),
                    help="an extra row: the config with these opts (repeat the flag for more rows), "
@@ -94,8 +96,8 @@ def table_path(args) -> str:
     import hashlib
     import json
 
-    default = [r.name for r in lab.ablation_rows(args.setup, extra=True)]
-    names = [r.name for r in plan(args)]
+    default = [r.id for r in lab.ablation_rows(args.setup, extra=True)]
+    names = [r.id for r in plan(args)]
     name = f"ablation_{args.setup.key}_{args.iters}it_seeds{'-'.join(map(str, args.seeds))}"
     if names != default or args.opts or args.teacher_weights:
         what = json.dumps([names, list(args.opts), args.teacher_weights] + ([args.variant] if args.variant else []))
@@ -110,8 +112,8 @@ def plan(args):
     the ``--variant`` rows."""
     rows = lab.ablation_rows(args.setup, extra=not args.no_extra)
     rows += [lab.full_row(s) for s in args.baseline_setups]
-    rows = [r for r in rows if not args.rows or r.name in args.rows]
-    return rows + [lab.Row(v[0], args.setup.config, list(v[1:])) for v in args.variant]  # asked for by name
+    rows = [r for r in rows if not args.rows or r.id in args.rows or r.name in args.rows]
+    return rows + [lab.Row(v[0], args.setup.config, list(v[1:]), id=v[0]) for v in args.variant]  # asked for by name
 
 
 def same_run_key(row, opts) -> str:
@@ -146,7 +148,7 @@ def resolve(rows, args, teacher: str):
     not have), ``same_as`` (the merged config of an earlier row), or ``row_obj`` to run."""
     entries, seen = [], {}
     for row in rows:
-        entry = {"row": row.name, "config": row.config}
+        entry = {"row": row.name, "id": row.id, "config": row.config}
         opts = lab.row_opts(row, args.iters, args.seeds[0], teacher, args.opts)
         missing = missing_key(row.config, opts)
         if missing:  # an option this version of the method does not have
@@ -185,7 +187,7 @@ def run(args) -> dict:
         done[entry["row"]] = entry
     for entry in table:
         if "same_as" in entry:
-            entry.update({k: v for k, v in done[entry["same_as"]].items() if k not in ("row", "config")})
+            entry.update({k: v for k, v in done[entry["same_as"]].items() if k not in ("row", "id", "config")})
     from d2_distill.engine import setup_cfg
 
     on = ["DATASETS.TEST", f"('{args.evaluate_on}',)"] if args.evaluate_on else []
@@ -194,7 +196,7 @@ def run(args) -> dict:
     with console_and_log(log) as say:  # detectron2's evaluation tables go to the file
         metrics = lab.evaluate_teacher(setup, teacher, list(args.opts) + on)
         say(f"[lab] teacher {teacher}: AP {metrics.get('AP', float('nan')):.2f} on {dataset} (detectron2's log: {log})")
-    table.append({"row": "teacher", "config": setup.teacher_config, "weights": teacher, **metrics})
+    table.append({"row": "teacher", "id": TEACHER_ID, "config": setup.teacher_config, "weights": teacher, **metrics})
     compare_with_plain(table)
     return {"method": setup.method, "config": setup.config, "iters": iters, "seeds": list(args.seeds),
             "dataset": dataset,
@@ -208,8 +210,8 @@ def compare_with_plain(table) -> None:
     (mean and sample sd of those), ``better_every_seed`` and ``gap_closed_pct``
     ((row − plain) / (teacher − plain) on the means, NaN without a teacher above the
     plain student). Nothing is added when the plain student is not in ``table``."""
-    plain = next((r for r in table if r["row"] == "plain student" and "per_seed" in r), None)
-    teacher = next((r for r in table if r["row"] == "teacher"), {})
+    plain = next((r for r in table if r.get("id") == lab.PLAIN_ID and "per_seed" in r), None)
+    teacher = next((r for r in table if r.get("id") == TEACHER_ID), {})
     if plain is None:
         return
     plain_ap = {s["seed"]: s.get("AP") for s in plain["per_seed"]}

@@ -3,7 +3,7 @@ and how much of the teacher-student gap does distillation close?
 
     python -m benchmarks.distill_gain                          # every method, seeds 0 1 2
     python -m benchmarks.distill_gain --methods tbd pkd --seeds 0 1 2 3 4
-    python -m benchmarks.distill_gain --methods tar_faster_rcnn_cls_only   # one config of a method
+    python -m benchmarks.distill_gain --methods tar_faster_rcnn_paper   # one config of a method
 
 For every quickstart config of each method (``benchmarks.setups``) and every
 seed it trains and evaluates the plain student and the full method, with the
@@ -23,6 +23,7 @@ import argparse
 from typing import Dict, List
 
 from . import setups as lab
+from .ablation import TEACHER_ID, compare_with_plain
 from .runs import setup_logging
 
 METRIC = "AP"
@@ -84,30 +85,35 @@ def parse_args(argv=None):
     return args
 
 
-gap_closed = lab.gap_closed  # (distilled − plain) / (teacher − plain), %
-
-
 def compare(setup, args, teacher: str) -> Dict:
+    """The plain and the full row of ``setup`` over the seeds, compared by the
+    ablation's own :func:`benchmarks.ablation.compare_with_plain` (one code path for
+    vs plain, every seed and gap closed), under this script's JSON keys."""
     iters = args.iters or lab.default_iters(setup)
     t_ap = lab.evaluate_teacher(setup, teacher, args.opts).get(METRIC, float("nan"))
-    per_seed = []
-    for seed in args.seeds:
-        plain = lab.train_row(lab.plain_row(setup), args.runs, iters, seed, teacher, args.opts)
-        full = lab.train_row(lab.full_row(setup), args.runs, iters, seed, teacher, args.opts)
-        p, d = (rec["metrics"].get(METRIC, float("nan")) for rec in (plain, full))
-        per_seed.append({
-            "seed": seed, "plain": p, "distilled": d, "diff": d - p, "gap_closed_pct": gap_closed(d, p, t_ap),
-            "plain_run": plain["run"], "distilled_run": full["run"],
-            "plain_command": plain["command"], "distilled_command": full["command"],
-        })
-    (pm, ps), (dm, ds), (fm, fs) = (lab.mean_sd([s[k] for s in per_seed]) for k in ("plain", "distilled", "diff"))
+    rows = {"plain": lab.plain_row(setup), "distilled": lab.full_row(setup)}
+    recs = {k: [lab.train_row(row, args.runs, iters, seed, teacher, args.opts) for seed in args.seeds]
+            for k, row in rows.items()}
+    table = [{"row": rows[k].name, "id": rows[k].id, "per_seed": [{"seed": seed, METRIC: rec["metrics"].get(METRIC, float("nan"))}
+                                                for seed, rec in zip(args.seeds, recs[k])]} for k in rows]
+    for entry in table:
+        entry[METRIC] = lab.mean_sd([x[METRIC] for x in entry["per_seed"]])[0]
+    table.append({"row": "teacher", "id": TEACHER_ID, METRIC: t_ap})
+    compare_with_plain(table)
+    plain, full = table[0], table[1]
+    per_seed = [{
+        "seed": seed, "plain": p[METRIC], "distilled": d[METRIC], "diff": diff,
+        "gap_closed_pct": lab.gap_closed(d[METRIC], p[METRIC], t_ap),
+        "plain_run": pr["run"], "distilled_run": dr["run"], "plain_command": pr["command"], "distilled_command": dr["command"],
+    } for seed, p, d, diff, pr, dr in zip(args.seeds, plain["per_seed"], full["per_seed"], full["vs_plain_per_seed"],
+                                          recs["plain"], recs["distilled"])]
+    (pm, ps), (dm, ds) = (lab.mean_sd([s[k] for s in per_seed]) for k in ("plain", "distilled"))
     return {
         "method": setup.method, "config": setup.config, "teacher_config": setup.teacher_config,
         "teacher_weights": teacher, "teacher_AP": t_ap, "iters": iters, "seeds": list(args.seeds),
-        "plain_mean": pm, "plain_sd": ps, "distilled_mean": dm, "distilled_sd": ds, "diff_mean": fm, "diff_sd": fs,
-        "gap_closed_pct": gap_closed(dm, pm, t_ap),
-        "distilled_better_every_seed": all(s["diff"] > 0 for s in per_seed),  # NaN compares False
-        "per_seed": per_seed,
+        "plain_mean": pm, "plain_sd": ps, "distilled_mean": dm, "distilled_sd": ds,
+        "diff_mean": full["vs_plain"], "diff_sd": full["vs_plain_sd"], "gap_closed_pct": full["gap_closed_pct"],
+        "distilled_better_every_seed": full["better_every_seed"], "per_seed": per_seed,
     }
 
 

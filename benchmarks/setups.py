@@ -153,24 +153,32 @@ def find_setup(setups: Dict[str, List[Setup]], method: str, config: str = "") ->
 # ---------------------------------------------------------------------------
 @dataclass
 class Row:
-    """One trained model of a comparison: its config, its opts, its run folder group."""
+    """One trained model of a comparison: its display label (``name``), its stable
+    ``id`` (run folder name, ``--rows`` argument, what tables key on; by default
+    the label made file-safe), its config, its opts, its run folder group."""
 
     name: str
     config: str
     opts: OptsLike = field(default_factory=list)
     distilled: bool = True
     group: str = ""  # run folder group: the config stem
+    id: str = ""
 
     def __post_init__(self):
         if not self.group:
             self.group = os.path.splitext(os.path.basename(self.config))[0]
+        if not self.id:
+            self.id = slug(self.name)
 
     def resolve_opts(self, cfg) -> List[str]:
         return list(self.opts(cfg) if callable(self.opts) else self.opts)
 
 
+PLAIN_ID = "plain_student"  # the id of every plain-student row (tables compare against it)
+
+
 def plain_row(setup: Setup) -> Row:
-    return Row("plain student", setup.plain_config, [], distilled=False)
+    return Row("plain student", setup.plain_config, [], distilled=False, id=PLAIN_ID)
 
 
 def full_row(setup: Setup) -> Row:
@@ -214,7 +222,7 @@ def slug(name: str) -> str:
 def run_folder(output: str, row: Row, iters: int, seed: int) -> str:
     """``<output>/<config stem>/iters<N>_seed<S>/<row>``: the plain student's runs
     are shared by every method with that student."""
-    return os.path.join(output, row.group, f"iters{iters}_seed{seed}", slug(row.name))
+    return os.path.join(output, row.group, f"iters{iters}_seed{seed}", row.id)
 
 
 def row_opts(row: Row, iters: int, seed: int, teacher: str, extra: Sequence[str] = ()) -> List[str]:

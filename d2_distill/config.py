@@ -61,6 +61,10 @@ def add_distill_config(cfg: CN) -> None:
     # Iterations per epoch for KIND "step" (required there, > 0).
     _C.DISTILL.SCHEDULE.ITERS_PER_EPOCH = 0
 
+    # Every LOG_PERIOD iterations the methods log their own scalars (gate-open rates,
+    # mean Harmony Score, TFD balance, ...) as distill/<name>; 0 = never.
+    _C.DISTILL.LOG_PERIOD = 20
+
     _C.DISTILL.DIAGNOSTICS = CN()
     # Every GRAD_PERIOD iterations, log distill/grad_ratio/<loss>/<part>: the norm of
     # each distillation loss's gradient on the student's backbone and head, divided
@@ -105,6 +109,8 @@ def validate_distill_cfg(cfg: CN) -> None:
     for key in ("WARMUP_ITERS", "ITERS_PER_EPOCH"):
         if d.SCHEDULE[key] < 0:
             raise ValueError(f"DISTILL.SCHEDULE.{key}={d.SCHEDULE[key]!r} must be >= 0")
+    if d.LOG_PERIOD < 0:
+        raise ValueError(f"DISTILL.LOG_PERIOD={d.LOG_PERIOD!r} must be >= 0 (0 = never)")
     if d.DIAGNOSTICS.GRAD_PERIOD < 0:
         raise ValueError(f"DISTILL.DIAGNOSTICS.GRAD_PERIOD={d.DIAGNOSTICS.GRAD_PERIOD!r} must be >= 0 (0 = off)")
     if not d.EVAL.HARMONY_TOL >= 0:

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .student import STUDENT_PREFIX, student_inputs, student_state_dict, vanilla_student_cfg
+from .student import STUDENT_PREFIX, state_mismatch, student_inputs, student_state_dict, vanilla_student_cfg
 
 __all__ = [
     "export_student",
@@ -146,22 +146,11 @@ def _check_loads_into(scfg, state: Dict[str, torch.Tensor]) -> None:
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     cfg.freeze()
-    expected = build_model(cfg).state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    if shapes:
-        problems.append("wrong shapes " + "; ".join(shapes))
-    if problems:
+    problem = state_mismatch(build_model(cfg).state_dict(), state)
+    if problem:
         raise ValueError(
             f"the checkpoint's student does not match the {cfg.MODEL.META_ARCHITECTURE} built from the "
-            "config: " + "; ".join(problems)
+            f"config: {problem}"
         )
 
 

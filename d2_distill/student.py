@@ -14,11 +14,13 @@ Everything that converts between the two views asks this module:
 * :func:`is_distiller_state` / :func:`student_state_dict` -- a distiller
   state dict -> the student's own state dict;
 * :func:`student_inputs` -- one image -> the student's test-time input, as
-  detectron2's ``DefaultPredictor`` prepares it.
+  detectron2's ``DefaultPredictor`` prepares it;
+* :func:`mismatch_report` / :func:`state_mismatch` -- what keeps a state dict
+  from loading into a model exactly, in the words every loader's error uses.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +37,8 @@ __all__ = [
     "is_distiller_state",
     "student_state_dict",
     "student_inputs",
+    "mismatch_report",
+    "state_mismatch",
 ]
 
 DISTILLER_ARCH = "Distiller"
@@ -137,3 +141,29 @@ def student_inputs(cfg: CfgNode, image: np.ndarray) -> Dict[str, Any]:
     resized = aug.get_transform(original).apply_image(original)
     tensor = torch.as_tensor(np.ascontiguousarray(resized.astype("float32").transpose(2, 0, 1)))
     return {"image": tensor, "height": height, "width": width}
+
+
+def mismatch_report(
+    missing: Sequence[str], unexpected: Sequence[str], wrong_shapes: Sequence[Tuple[str, Any, Any]],
+) -> str:
+    """'' when all three are empty, else e.g. ``2 missing key(s): a, b; 1 wrong shape(s):
+    c (checkpoint (3,), model (4,))``. ``wrong_shapes``: (key, checkpoint shape, model shape)."""
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {', '.join(sorted(missing))}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {', '.join(sorted(unexpected))}")
+    if wrong_shapes:
+        problems.append(f"{len(wrong_shapes)} wrong shape(s): " + ", ".join(
+            f"{k} (checkpoint {tuple(a)}, model {tuple(b)})" for k, a, b in wrong_shapes))
+    return "; ".join(problems)
+
+
+def state_mismatch(model_state: Mapping[str, Any], state: Mapping[str, Any]) -> str:
+    """:func:`mismatch_report` of loading ``state`` into a model whose state dict is
+    ``model_state``, key for key ('' if it loads exactly)."""
+    missing = [k for k in model_state if k not in state]
+    unexpected = [k for k in state if k not in model_state]
+    shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in model_state.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    return mismatch_report(missing, unexpected, shapes)

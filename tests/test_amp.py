@@ -1,4 +1,5 @@
 """SOLVER.AMP.ENABLED on CPU: bfloat16 autocast in the forward pass, float32 weights."""
+import pytest
 import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer
 
@@ -24,6 +25,7 @@ def test_the_step_is_chosen_by_amp_and_device(tmp_path):
     assert DistillTrainer._loop_class(cuda) is AMPTrainer  # detectron2's own float16 step on GPU
 
 
+@pytest.mark.slow
 def test_distillation_step_runs_teacher_and_student_in_bfloat16(tmp_path, retina_teacher_weights):
     cfg = cfg_for("tbd_retinanet.yaml", "SOLVER.AMP.ENABLED", "True", out_dir=tmp_path,
                   teacher=retina_teacher_weights, iters=2)

@@ -84,8 +84,9 @@ def bad_dataset(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "config, teacher_fixture",
-    [("tar_faster_rcnn.yaml", "frcnn_teacher_weights"), ("tbd_retinanet.yaml", "retina_teacher_weights")],
+    [("tar_faster_rcnn_paper.yaml", "frcnn_teacher_weights"), ("tbd_retinanet.yaml", "retina_teacher_weights")],
 )
+@pytest.mark.slow
 def test_empty_and_degenerate_boxes_train_finite(config, teacher_fixture, bad_dataset, request, tmp_path):
     cfg = cfg_for(
         config,
@@ -117,7 +118,7 @@ def test_empty_and_degenerate_boxes_train_finite(config, teacher_fixture, bad_da
     assert all((b[:, 2:] > b[:, :2]).all() for step in seen for b in step)  # zero-area ones dropped
 
     hist = trainer.storage.histories()
-    method_losses = {"tar_faster_rcnn.yaml": {"loss_tar_feat", "loss_tar_cls", "loss_tar_reg"},
+    method_losses = {"tar_faster_rcnn_paper.yaml": {"loss_tar_feat", "loss_tar_cls", "loss_tar_reg"},
                      "tbd_retinanet.yaml": {"loss_tbd_hd", "loss_tbd_tfd"}}[config]
     assert method_losses <= set(hist)
     for k, h in hist.items():
@@ -137,7 +138,7 @@ def test_nan_distillation_loss_is_named(frcnn_teacher_weights, monkeypatch, tmp_
         return losses
 
     monkeypatch.setattr(TARMethod, "forward", nan_cls)
-    cfg = cfg_for("tar_faster_rcnn.yaml", "DATASETS.TEST", "()", teacher=frcnn_teacher_weights,
+    cfg = cfg_for("tar_faster_rcnn_paper.yaml", "DATASETS.TEST", "()", teacher=frcnn_teacher_weights,
                   out_dir=tmp_path, iters=2)
     seed_all_rng(cfg.SEED)
     trainer = DistillTrainer(cfg)

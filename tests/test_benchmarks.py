@@ -225,9 +225,9 @@ def test_distill_gain_methods_may_name_single_configs():
 
 
 def test_gap_closed():
-    assert distill_gain.gap_closed(20.0, 10.0, 30.0) == pytest.approx(50.0)
-    assert distill_gain.gap_closed(8.0, 10.0, 30.0) == pytest.approx(-10.0)
-    assert math.isnan(distill_gain.gap_closed(12.0, 10.0, 10.0))  # no gap to close
+    assert setups.gap_closed(20.0, 10.0, 30.0) == pytest.approx(50.0)
+    assert setups.gap_closed(8.0, 10.0, 30.0) == pytest.approx(-10.0)
+    assert math.isnan(setups.gap_closed(12.0, 10.0, 10.0))  # no gap to close
 
 
 @pytest.mark.parametrize(
@@ -255,6 +255,7 @@ def test_distill_gain_bad_args(capsys, tmp_path, argv, message):
 
 
 # ---- distill_gain: a tiny run ----------------------------------------------------
+@pytest.mark.slow
 def test_distill_gain_tiny_run(tmp_path, capsys, monkeypatch, request, frcnn_teacher_weights):
     monkeypatch.chdir(ROOT)  # the run cache keys on repository-relative config paths
     threads = torch.get_num_threads()
@@ -362,6 +363,7 @@ def test_detection_loss_excludes_the_methods_declared_losses():
     assert demo.detection_loss(history) == [(0, 12.0), (1, 10.5)]
 
 
+@pytest.mark.slow
 def test_demo_tiny_run(tmp_path, capsys, monkeypatch, frcnn_teacher_weights):
     """The user's path: plain and TAR students on one schedule, the table, the figure.
     With --jobs 2 both students train side by side in worker processes (training in
@@ -465,6 +467,7 @@ def test_ablation_rows_resolve_without_training(monkeypatch, frcnn_teacher_weigh
     assert "row_obj" in entries["full TAR, no decay"] and "row_obj" in entries["+ feature"]
 
 
+@pytest.mark.slow
 def test_ablation_tiny_run(tmp_path, capsys, monkeypatch, retina_teacher_weights):
     """Two seeds per row, mean ± sd per row, the teacher evaluated; TBD on RetinaNet."""
     monkeypatch.chdir(ROOT)
@@ -490,7 +493,7 @@ def test_ablation_tiny_run(tmp_path, capsys, monkeypatch, retina_teacher_weights
     assert hd["vs_plain"] == pytest.approx(sum(diffs) / 2, nan_ok=True)
     assert hd["better_every_seed"] == all(d > 0 for d in diffs)
     assert hd["gap_closed_pct"] == pytest.approx(
-        distill_gain.gap_closed(hd["AP"], plain["AP"], rows["teacher"]["AP"]), nan_ok=True)
+        setups.gap_closed(hd["AP"], plain["AP"], rows["teacher"]["AP"]), nan_ok=True)
     assert "vs_plain" not in plain
     written = list(out.glob("ablation_*.json"))  # named by config, iterations, seeds and a row/opts tag
     assert len(written) == 1 and re.fullmatch(r"ablation_tbd_retinanet_1it_seeds0-1_[0-9a-f]{8}\.json", written[0].name)
@@ -504,10 +507,10 @@ def test_ablation_tiny_run(tmp_path, capsys, monkeypatch, retina_teacher_weights
 def test_ablation_compare_with_plain_by_hand():
     """Hand-computed: plain 10 / 12, a row 13 / 12 (+3, 0), teacher 30 -> gap (12.5 - 11) / 19."""
     table = [
-        {"row": "plain student", "AP": 11.0, "per_seed": [{"seed": 0, "AP": 10.0}, {"seed": 1, "AP": 12.0}]},
-        {"row": "full X", "AP": 12.5, "per_seed": [{"seed": 0, "AP": 13.0}, {"seed": 1, "AP": 12.0}]},
+        {"row": "plain student", "id": "plain_student", "AP": 11.0, "per_seed": [{"seed": 0, "AP": 10.0}, {"seed": 1, "AP": 12.0}]},
+        {"row": "full X", "id": "full_X", "AP": 12.5, "per_seed": [{"seed": 0, "AP": 13.0}, {"seed": 1, "AP": 12.0}]},
         {"row": "full Y", "skipped": "needs DISTILL.Y"},
-        {"row": "teacher", "AP": 30.0},
+        {"row": "teacher", "id": "teacher", "AP": 30.0},
     ]
     ablation.compare_with_plain(table)
     x = table[1]
@@ -535,7 +538,7 @@ def test_loss_gradients_bad_args(capsys, argv, message):
 
 
 def test_loss_gradients_tiny_run(tmp_path, capsys, frcnn_teacher_weights):
-    cfg = os.path.join(ROOT, "configs", "quickstart", "tar_faster_rcnn.yaml")
+    cfg = os.path.join(ROOT, "configs", "quickstart", "tar_faster_rcnn_paper.yaml")
     out = tmp_path / "grads.json"
     result = loss_gradients.main([
         "--config-file", cfg, "--teacher-weights", frcnn_teacher_weights, "--batches", "1",
@@ -558,41 +561,6 @@ def test_loss_gradients_needs_a_distiller():
     with pytest.raises(SystemExit, match="needs a distiller config"):
         loss_gradients.main(["--config-file", os.path.join(ROOT, "configs", "quickstart",
                                                            "faster_rcnn_R18_FPN_student.yaml"), *SMALL])
-
-
-# ---- regime_pilot ------------------------------------------------------------------
-def test_regime_pilot_tiny_waves(tmp_path, capsys, frcnn_teacher_weights):
-    """Two waves: a plain job in a style of its own, then a distilled job naming an
-    earlier job as its teacher; each style gets its own data folder; finished jobs
-    are not repeated."""
-    from benchmarks import regime_pilot
-
-    mini = ["DATASETS.TRAIN", "('shapes_mini_train',)", "SOLVER.MAX_ITER", "2"]
-    student = os.path.join(ROOT, "configs", "quickstart", "faster_rcnn_R18_FPN_student.yaml")
-    tar = os.path.join(ROOT, "configs", "quickstart", "tar_faster_rcnn.yaml")
-    waves = [
-        [{"name": "plain", "style": {"clutter": 0.0}, "config": student, "opts": TINY + mini, "test": "shapes_mini_val"}],
-        [{"name": "tar", "style": {"clutter": 0.0}, "config": tar, "opts": TINY + mini, "test": "shapes_mini_val",
-          "teacher": "teacher"}],
-    ]
-    # the distilled job's teacher: a random quickstart teacher, as if trained by an earlier wave
-    os.makedirs(tmp_path / "out" / "teacher")
-    os.symlink(frcnn_teacher_weights, tmp_path / "out" / "teacher" / "model_final.pth")
-    jobs = tmp_path / "jobs.json"
-    jobs.write_text(json.dumps(waves))
-    regime_pilot.main(["--jobs", str(jobs), "--out", str(tmp_path / "out"), "--parallel", "1", "--threads", "1"])
-    out = capsys.readouterr().out
-    assert "plain: AP" in out and "tar: AP" in out and "FAILED" not in out
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert [r["job"]["name"] for r in summary] == ["plain", "tar"]
-    assert all(0.0 <= r["AP"] <= 100.0 and r["s_per_it"] > 0 for r in summary)
-    data = os.listdir(tmp_path / "out" / "data")
-    assert len(data) == 1  # one style, one data folder
-    split = tmp_path / "out" / "data" / data[0] / "shapes_v2" / "shapes_mini_train.json"
-    assert json.loads(split.read_text())["info"]["style"]["clutter"] == 0.0
-    mtime = os.path.getmtime(tmp_path / "out" / "plain" / "results.json")
-    regime_pilot.main(["--jobs", str(jobs), "--out", str(tmp_path / "out"), "--parallel", "1"])
-    assert os.path.getmtime(tmp_path / "out" / "plain" / "results.json") == mtime  # reused
 
 
 # ---- teacher_seeds.py ------------------------------------------------------------
@@ -618,6 +586,7 @@ def test_teacher_seeds_bad_args(capsys, argv, message):
     _assert_usage_error(teacher_seeds.parse_args, argv, message, capsys)
 
 
+@pytest.mark.slow
 def test_teacher_seeds_tiny_run(tmp_path, capsys, monkeypatch, request):
     monkeypatch.chdir(ROOT)
     threads = torch.get_num_threads()
@@ -695,6 +664,7 @@ def test_teacher_seeds_trains_the_quickstart_teacher_where_the_lab_finds_it(tmp_
     assert rec["run"] == folder and trained[-1] == (["SEED", str(own_seed + 1)], folder, False)
 
 
+@pytest.mark.slow
 def test_ablation_evaluate_on_reuses_the_runs(tmp_path, capsys, monkeypatch, retina_teacher_weights):
     """--evaluate-on: the runs of the default table, not retrained, evaluated on another
     split (every image of it), the teacher too; the evaluation is cached beside the run."""
@@ -748,6 +718,7 @@ def test_ablation_evaluate_on_reuses_the_runs(tmp_path, capsys, monkeypatch, ret
     assert again["rows"][0]["AP"] == tune["rows"][0]["AP"]
 
 
+@pytest.mark.slow
 def test_distill_gain_jobs_trains_in_worker_processes(tmp_path, monkeypatch, frcnn_teacher_weights):
     """--jobs 2: every run is trained in a worker process (training in this process is
     made to fail), the records are the same runs as one at a time would make (same
@@ -842,6 +813,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers' parent-death signal is Linux's prctl")
+@pytest.mark.slow
 def test_jobs_workers_end_when_the_benchmark_is_killed(tmp_path, frcnn_teacher_weights):
     """A SIGKILL to the benchmark's pid alone (what a job queue or a timeout sends)
     ends its --jobs workers too, instead of leaving them training, unseen, into run

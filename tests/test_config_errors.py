@@ -25,16 +25,16 @@ from trainable import build_trainable as build
 )
 def test_bad_config_values(frcnn_teacher_weights, opts, error, message):
     with pytest.raises(error, match=message):
-        build(cfg_for("tar_faster_rcnn.yaml", *opts, teacher=frcnn_teacher_weights))
+        build(cfg_for("tar_faster_rcnn_paper.yaml", *opts, teacher=frcnn_teacher_weights))
 
 
 def test_adapter_none_needs_equal_channels(frcnn_teacher_weights):
     with pytest.raises(ValueError, match=r"level 'p2' has 64 student vs 128 teacher channels"):
-        build(cfg_for("tar_faster_rcnn.yaml", "DISTILL.ADAPTER", "none", teacher=frcnn_teacher_weights))
+        build(cfg_for("tar_faster_rcnn_paper.yaml", "DISTILL.ADAPTER", "none", teacher=frcnn_teacher_weights))
 
 
 def test_adapter_none_with_equal_channels_is_identity(frcnn_teacher_weights):
-    model = build(cfg_for("tar_faster_rcnn.yaml", "DISTILL.ADAPTER", "none", "MODEL.FPN.OUT_CHANNELS", "128",
+    model = build(cfg_for("tar_faster_rcnn_paper.yaml", "DISTILL.ADAPTER", "none", "MODEL.FPN.OUT_CHANNELS", "128",
                           "MODEL.ROI_BOX_HEAD.FC_DIM", "256", teacher=frcnn_teacher_weights))
     assert all(isinstance(a, torch.nn.Identity) for a in model.method.feature.adapters.values())
 
@@ -43,9 +43,9 @@ def test_corrupt_teacher_weights(tmp_path):
     bad = tmp_path / "corrupt.pth"
     bad.write_bytes(b"this is not a checkpoint")
     with pytest.raises(RuntimeError, match="could not be read as a checkpoint"):
-        build(cfg_for("tar_faster_rcnn.yaml", teacher=str(bad)))
+        build(cfg_for("tar_faster_rcnn_paper.yaml", teacher=str(bad)))
 
 
 def test_teacher_weights_of_another_architecture(retina_teacher_weights):
     with pytest.raises(RuntimeError, match="does not match the teacher"):
-        build(cfg_for("tar_faster_rcnn.yaml", teacher=retina_teacher_weights))
+        build(cfg_for("tar_faster_rcnn_paper.yaml", teacher=retina_teacher_weights))

@@ -24,7 +24,7 @@ def test_strict_teacher_loading_rejects_renamed_key(frcnn_teacher_weights, tmp_p
     state["model"]["roi_heads.box_predictor.cls_score.renamed"] = state["model"].pop(key)
     bad = tmp_path / "renamed.pth"
     torch.save(state, bad)
-    cfg = cfg_for("tar_faster_rcnn.yaml", *FEATURE_OPTS, teacher=str(bad))
+    cfg = cfg_for("tar_faster_rcnn_paper.yaml", *FEATURE_OPTS, teacher=str(bad))
     with pytest.raises(RuntimeError) as e:
         build(cfg)
     msg = str(e.value)
@@ -33,15 +33,15 @@ def test_strict_teacher_loading_rejects_renamed_key(frcnn_teacher_weights, tmp_p
 
 
 def test_missing_teacher_weights_fail_before_building(tmp_path):
-    cfg = cfg_for("tar_faster_rcnn.yaml", teacher=str(tmp_path / "nope.pth"))
+    cfg = cfg_for("tar_faster_rcnn_paper.yaml", teacher=str(tmp_path / "nope.pth"))
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         build(cfg)
     with pytest.raises(ValueError, match="DISTILL.TEACHER.WEIGHTS is empty"):
-        build(cfg_for("tar_faster_rcnn.yaml", "DISTILL.TEACHER.WEIGHTS", ""))
+        build(cfg_for("tar_faster_rcnn_paper.yaml", "DISTILL.TEACHER.WEIGHTS", ""))
 
 
 def test_teacher_is_not_state_parameters_or_saved(frcnn_teacher_weights, tmp_path):
-    model = build(cfg_for("tar_faster_rcnn.yaml", *FEATURE_OPTS, teacher=frcnn_teacher_weights))
+    model = build(cfg_for("tar_faster_rcnn_paper.yaml", *FEATURE_OPTS, teacher=frcnn_teacher_weights))
     keys = set(model.state_dict())
     assert keys and all(k.startswith(("student.", "method.")) for k in keys)
     teacher_params = {id(p) for p in model.teacher.parameters()}
@@ -51,8 +51,9 @@ def test_teacher_is_not_state_parameters_or_saved(frcnn_teacher_weights, tmp_pat
     assert set(saved) == keys
 
 
+@pytest.mark.slow
 def test_training_freezes_teacher_and_trains_adapters(frcnn_teacher_weights, tmp_path):
-    cfg = cfg_for("tar_faster_rcnn.yaml", *FEATURE_OPTS, teacher=frcnn_teacher_weights, out_dir=tmp_path, iters=3)
+    cfg = cfg_for("tar_faster_rcnn_paper.yaml", *FEATURE_OPTS, teacher=frcnn_teacher_weights, out_dir=tmp_path, iters=3)
     trainer = train(cfg)
     model = trainer.model
     teacher = model.teacher
@@ -68,7 +69,7 @@ def test_training_freezes_teacher_and_trains_adapters(frcnn_teacher_weights, tmp
 
 
 def test_eval_output_is_the_students(frcnn_teacher_weights):
-    model = build(cfg_for("tar_faster_rcnn.yaml", *FEATURE_OPTS, teacher=frcnn_teacher_weights))
+    model = build(cfg_for("tar_faster_rcnn_paper.yaml", *FEATURE_OPTS, teacher=frcnn_teacher_weights))
     model.eval()
     batch = [{k: v for k, v in x.items() if k != "instances"} for x in fake_batch(2)]
     with torch.no_grad():
@@ -82,7 +83,7 @@ def test_eval_output_is_the_students(frcnn_teacher_weights):
 def test_input_normalisation_and_format_per_model(frcnn_teacher_weights):
     """Teacher and student normalise the same image with their own mean/std/format."""
     cfg = cfg_for(
-        "tar_faster_rcnn.yaml", *FEATURE_OPTS,
+        "tar_faster_rcnn_paper.yaml", *FEATURE_OPTS,
         "DISTILL.TEACHER.OPTS", "['INPUT.FORMAT', 'RGB', 'MODEL.PIXEL_MEAN', '[10.0, 20.0, 30.0]']",
         teacher=frcnn_teacher_weights,
     )
@@ -99,7 +100,7 @@ def test_model_weights_initialise_the_student(frcnn_teacher_weights, tmp_path):
     plain = build(cfg_for("faster_rcnn_R18_FPN_student.yaml"))
     DetectionCheckpointer(plain, save_dir=str(tmp_path)).save("student_init")
     cfg = cfg_for(
-        "tar_faster_rcnn.yaml", *FEATURE_OPTS, "MODEL.WEIGHTS", str(tmp_path / "student_init.pth"),
+        "tar_faster_rcnn_paper.yaml", *FEATURE_OPTS, "MODEL.WEIGHTS", str(tmp_path / "student_init.pth"),
         teacher=frcnn_teacher_weights, out_dir=tmp_path / "run",
     )
     trainer = DistillTrainer(cfg)  # only loading is tested: no training
@@ -109,9 +110,10 @@ def test_model_weights_initialise_the_student(frcnn_teacher_weights, tmp_path):
         assert torch.equal(student[k], v), k
 
 
+@pytest.mark.slow
 def test_resume_continues_schedule(frcnn_teacher_weights, tmp_path):
     cfg = cfg_for(
-        "tar_faster_rcnn.yaml", "SOLVER.CHECKPOINT_PERIOD", "2", *FEATURE_OPTS, "DISTILL.SCHEDULE.KIND", "linear",
+        "tar_faster_rcnn_paper.yaml", "SOLVER.CHECKPOINT_PERIOD", "2", *FEATURE_OPTS, "DISTILL.SCHEDULE.KIND", "linear",
         teacher=frcnn_teacher_weights, out_dir=tmp_path, iters=4,
     )
     first = DistillTrainer(cfg)
@@ -130,7 +132,7 @@ def test_resume_continues_schedule(frcnn_teacher_weights, tmp_path):
 
 
 def test_schedule_factor_scales_losses(frcnn_teacher_weights):
-    cfg = cfg_for("tar_faster_rcnn.yaml", *FEATURE_OPTS, teacher=frcnn_teacher_weights, iters=10)
+    cfg = cfg_for("tar_faster_rcnn_paper.yaml", *FEATURE_OPTS, teacher=frcnn_teacher_weights, iters=10)
     model = build(cfg)
     model.train()
     torch.manual_seed(0)
@@ -145,6 +147,7 @@ def test_schedule_factor_scales_losses(frcnn_teacher_weights):
     assert out[10] == 0
 
 
+@pytest.mark.slow
 def test_model_zoo_configs_one_iteration(tmp_path):
     """Teacher R101-FPN 3x, student R50-FPN 1x (the model-zoo settings of the COCO
     config); random weights, small input, one iteration on CPU."""

@@ -80,7 +80,7 @@ def _register_dataset() -> None:
 
 def _config(teacher: str, out_dir: str):
     return cfg_for(
-        "tar_faster_rcnn.yaml", *COMMON, *DETERMINISTIC, teacher=teacher, out_dir=out_dir, iters=ITERS
+        "tar_faster_rcnn_paper.yaml", *COMMON, *DETERMINISTIC, teacher=teacher, out_dir=out_dir, iters=ITERS
     )
 
 
@@ -165,6 +165,7 @@ def _max_diff(a, b) -> float:
 REL_TOL = 0.01
 
 
+@pytest.mark.slow
 def test_two_process_training_matches_single_process(frcnn_teacher_weights, tmp_path):
     t0 = time.time()
     ddp_dir, single_dir = str(tmp_path / "ddp"), str(tmp_path / "single")

@@ -29,7 +29,7 @@ MINI = ["DATASETS.TRAIN", "('shapes_mini_train',)", "DATASETS.TEST", "('shapes_m
 EXPORT_OPTS = ["MODEL.DEVICE", "cpu"] + MINI
 
 CASES = {
-    "faster_rcnn": ("tar_faster_rcnn.yaml", "frcnn_teacher_weights"),
+    "faster_rcnn": ("tar_faster_rcnn_paper.yaml", "frcnn_teacher_weights"),
     "retinanet": ("tbd_retinanet.yaml", "retina_teacher_weights"),
 }
 
@@ -225,7 +225,7 @@ def test_export_rejects_a_plain_config(distilled, tmp_path):
 def test_unknown_non_distill_key_fails_loudly():
     from d2_distill.student import vanilla_student_cfg
 
-    cfg = setup_cfg(os.path.join(QUICKSTART, "tar_faster_rcnn.yaml"), ["MODEL.DEVICE", "cpu"])
+    cfg = setup_cfg(os.path.join(QUICKSTART, "tar_faster_rcnn_paper.yaml"), ["MODEL.DEVICE", "cpu"])
     cfg.defrost()
     cfg.MODEL.MY_EXTENSION_KEY = 1
     with pytest.raises(ValueError, match=r"MODEL\.MY_EXTENSION_KEY"):
@@ -234,7 +234,7 @@ def test_unknown_non_distill_key_fails_loudly():
 
 def test_plain_checkpoint_is_not_exported(frcnn_teacher_weights, tmp_path):
     with pytest.raises(ValueError, match="is not a distiller checkpoint: it has no 'student.\\*' keys"):
-        export_student(os.path.join(QUICKSTART, "tar_faster_rcnn.yaml"), frcnn_teacher_weights,
+        export_student(os.path.join(QUICKSTART, "tar_faster_rcnn_paper.yaml"), frcnn_teacher_weights,
                        str(tmp_path), EXPORT_OPTS)
 
 
@@ -287,6 +287,7 @@ VANILLA_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_roundtrip_in_vanilla_detectron2(distilled, val_images, tmp_path):
     paths, images = val_images
     out = tmp_path / "predictions.npz"
@@ -310,6 +311,7 @@ def test_roundtrip_in_vanilla_detectron2(distilled, val_images, tmp_path):
 # Tracing
 # ---------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.slow
 def test_torchscript_trace_matches_eager(frcnn_distilled, val_images, tmp_path):
     d = frcnn_distilled
     _, images = val_images
@@ -355,17 +357,19 @@ def _cli(*args, cwd):
     )
 
 
+@pytest.mark.slow
 def test_cli_missing_weights(tmp_path):
     missing = str(tmp_path / "no_such_dir" / "model_final.pth")
-    proc = _cli("--config-file", os.path.join(QUICKSTART, "tar_faster_rcnn.yaml"), "--weights", missing,
+    proc = _cli("--config-file", os.path.join(QUICKSTART, "tar_faster_rcnn_paper.yaml"), "--weights", missing,
                 "--output", str(tmp_path / "out"), "MODEL.DEVICE", "cpu", cwd=tmp_path)
     assert proc.returncode != 0
     assert missing in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_plain_checkpoint(frcnn_teacher_weights, tmp_path):
-    proc = _cli("--config-file", os.path.join(QUICKSTART, "tar_faster_rcnn.yaml"), "--weights",
+    proc = _cli("--config-file", os.path.join(QUICKSTART, "tar_faster_rcnn_paper.yaml"), "--weights",
                 frcnn_teacher_weights, "--output", str(tmp_path / "out"), "MODEL.DEVICE", "cpu", cwd=tmp_path)
     assert proc.returncode != 0
     assert "is not a distiller checkpoint" in proc.stderr

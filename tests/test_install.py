@@ -15,9 +15,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_installed_package_trains_a_users_config_outside_the_repository(tmp_path, frcnn_teacher_weights):
-    target = tmp_path / "site"
+    target, src = tmp_path / "site", tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):  # a copy: the build leaves nothing in the clone
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    shutil.copytree(os.path.join(ROOT, "d2_distill"), src / "d2_distill",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
-                          "--target", str(target), ROOT], capture_output=True, text=True, timeout=600)
+                          "--target", str(target), str(src)], capture_output=True, text=True, timeout=600)
     assert pip.returncode == 0, pip.stderr[-3000:]
     assert (target / "d2_distill" / "quiet.py").is_file() and not (target / "benchmarks").exists()
 

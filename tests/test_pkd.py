@@ -121,6 +121,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.slow
 def test_pkd_trains_two_iterations(case, request, tmp_path):
     config, weights_fixture, levels = CASES[case]
     cfg = cfg_for(config, teacher=request.getfixturevalue(weights_fixture), out_dir=tmp_path, iters=2)

@@ -3,6 +3,7 @@ deprecation warnings and leaves the program's warning filters as they were; the
 entry points (train_net.py, the lab) hide them (torch.jit.script, torch.meshgrid,
 pkg_resources) and torch.fx's logged is_fx_tracing notice for the whole run, and
 nothing else."""
+import pytest
 import os
 import subprocess
 import sys
@@ -38,6 +39,7 @@ def _stderr(prelude: str) -> str:
     return proc.stderr
 
 
+@pytest.mark.slow
 def test_importing_the_library_is_quiet_and_keeps_the_filters():
     code = ("import warnings; before = list(warnings.filters); import d2_distill; "
             "assert warnings.filters == before, 'filters changed'")
@@ -48,6 +50,7 @@ def test_importing_the_library_is_quiet_and_keeps_the_filters():
     assert "Warning" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_entry_points_silence_detectron2s_known_deprecations_only():
     noisy = _stderr("")  # the library changes no warning filter: a model build still warns
     assert "pkg_resources is deprecated" in noisy

@@ -49,10 +49,11 @@ def _logged(trainer, keys, iters):
     return out
 
 
+@pytest.mark.slow
 def test_resume_is_exact(frcnn_teacher_weights, tmp_path):
     a_dir, b_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    cfg_a = cfg_for("tar_faster_rcnn.yaml", *OPTS, teacher=frcnn_teacher_weights, out_dir=a_dir, iters=MAX_ITER)
-    cfg_b = cfg_for("tar_faster_rcnn.yaml", *OPTS, teacher=frcnn_teacher_weights, out_dir=b_dir, iters=MAX_ITER)
+    cfg_a = cfg_for("tar_faster_rcnn_paper.yaml", *OPTS, teacher=frcnn_teacher_weights, out_dir=a_dir, iters=MAX_ITER)
+    cfg_b = cfg_for("tar_faster_rcnn_paper.yaml", *OPTS, teacher=frcnn_teacher_weights, out_dir=b_dir, iters=MAX_ITER)
     assert cfg_a.DISTILL.METHOD == "TAR" and cfg_a.DATALOADER.NUM_WORKERS == 0
 
     whole = _trainer(cfg_a, cfg_a.SEED)
@@ -96,7 +97,7 @@ def test_resume_is_exact(frcnn_teacher_weights, tmp_path):
 
 def test_resumed_loader_continues_the_stream(tmp_path):
     """build_train_loader(cfg, skip=k*batch) yields what the full loader yields after k batches."""
-    cfg = cfg_for("tar_faster_rcnn.yaml", "DISTILL.TEACHER.WEIGHTS", "unused.pth", out_dir=tmp_path)
+    cfg = cfg_for("tar_faster_rcnn_paper.yaml", "DISTILL.TEACHER.WEIGHTS", "unused.pth", out_dir=tmp_path)
     batch = cfg.SOLVER.IMS_PER_BATCH
 
     def names(loader, n):
@@ -111,3 +112,24 @@ def test_resumed_loader_continues_the_stream(tmp_path):
     assert skipped == full[3:]
     assert len({n for b in full for n in b}) > batch  # it is a shuffled stream, not one repeated batch
     assert list(SkipSampler(range(10), 4)) == [4, 5, 6, 7, 8, 9]
+
+
+@pytest.mark.slow
+def test_resume_from_a_truncated_checkpoint_names_it_and_the_last_intact_one(frcnn_teacher_weights, tmp_path):
+    """A job killed while saving leaves a truncated file that last_checkpoint names:
+    --resume fails with an error naming it and the newest intact checkpoint, and
+    deletes nothing."""
+    import time
+
+    cfg = cfg_for("tar_faster_rcnn_paper.yaml", *OPTS, teacher=frcnn_teacher_weights, out_dir=tmp_path, iters=2)
+    _trainer(cfg, 0).train()
+    intact = tmp_path / "model_0000001.pth"
+    final = tmp_path / "model_final.pth"
+    assert intact.is_file() and (tmp_path / "last_checkpoint").read_text().strip() == "model_final.pth"
+    time.sleep(0.01)
+    final.write_bytes(final.read_bytes()[:1000])  # truncated
+    with pytest.raises(RuntimeError) as e:
+        _trainer(cfg, 0).resume_or_load(resume=True)
+    msg = str(e.value)
+    assert str(final) in msg and "truncated or corrupt" in msg and str(intact) in msg and "last_checkpoint" in msg
+    assert final.is_file() and intact.is_file()

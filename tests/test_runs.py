@@ -50,6 +50,7 @@ def test_fingerprint_follows_the_teacher_bytes(tmp_path, frcnn_teacher_weights):
     assert fingerprint(setup_cfg(TAR, opts)) != before
 
 
+@pytest.mark.slow
 def test_stale_distilled_run_is_set_aside_and_redone(tmp_path, frcnn_teacher_weights):
     teacher = tmp_path / "teacher.pth"
     shutil.copy(frcnn_teacher_weights, teacher)
@@ -77,6 +78,7 @@ def _no_training(*args, **kwargs):
     raise AssertionError("trained although a run with the same fingerprint was there")
 
 
+@pytest.mark.slow
 def test_a_run_is_reused_by_fingerprint_however_its_config_is_spelled(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     first = train_and_evaluate(STUDENT, ONE_ITER, out)
@@ -95,6 +97,7 @@ def test_a_run_is_reused_by_fingerprint_however_its_config_is_spelled(tmp_path, 
         assert json.load(f)["fingerprint"] == first["fingerprint"]
 
 
+@pytest.mark.slow
 def test_a_twin_in_another_folder_is_linked_not_retrained(tmp_path, monkeypatch):
     root = tmp_path / "runs"
     a, b, c = str(root / "x" / "a"), str(root / "y" / "b"), str(root / "z" / "c")
@@ -125,6 +128,7 @@ def test_a_twin_in_another_folder_is_linked_not_retrained(tmp_path, monkeypatch)
     assert runs.find_twin(str(root), first["fingerprint"], skip=a) == b
 
 
+@pytest.mark.slow
 def test_evaluate_writes_into_a_scratch_folder_unless_told_where(tmp_path, monkeypatch):
     """A teacher's evaluation (the lab's) must not write beside its checkpoint,
     where another process may be evaluating the same teacher."""
@@ -147,6 +151,7 @@ def test_evaluate_writes_into_a_scratch_folder_unless_told_where(tmp_path, monke
     assert seen[1][0] == told
 
 
+@pytest.mark.slow
 def test_ensure_trained_reuses_only_a_checkpoint_of_the_same_config(tmp_path):
     out = str(tmp_path / "teacher")
     opts = ONE_ITER + ["OUTPUT_DIR", out]
@@ -216,6 +221,7 @@ def test_source_digest_walks_the_whole_package(tmp_path):
     assert digest(str(root)) == after  # only .py files count
 
 
+@pytest.mark.slow
 def test_a_run_is_a_function_of_its_seed_not_of_the_process_history(tmp_path):
     """Two runs of the same config and SEED in one process, with RNG drawn in between,
     train the same weights (train_net.py seeds through default_setup; so must the cache)."""
@@ -231,6 +237,7 @@ def test_a_run_is_a_function_of_its_seed_not_of_the_process_history(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_teacher_is_evaluated_once_per_checkpoint_and_setting(tmp_path, monkeypatch, frcnn_teacher_weights):
     """evaluate_cached (the demo's and the benchmarks' teacher evaluation) remembers
     its metrics beside the checkpoint; other bytes or another setting evaluate again."""

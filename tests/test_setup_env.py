@@ -3,6 +3,7 @@
 `make test` and `make demo` run the setup script every time, so on a complete
 environment it must only check, never install (no network, no uv download).
 """
+import pytest
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_setup_on_a_complete_environment_installs_nothing():
     env = dict(os.environ, D2_DISTILL_VENV=sys.prefix,
                # were anything installed, it would fail here instead of fetching

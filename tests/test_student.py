@@ -57,7 +57,7 @@ def no_teacher(monkeypatch):
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory, frcnn_teacher_weights):
     """A TAR distiller (perturbed student, adapters) saved as a distiller checkpoint."""
-    model = build_trainable(cfg_for("tar_faster_rcnn.yaml", teacher=frcnn_teacher_weights))
+    model = build_trainable(cfg_for("tar_faster_rcnn_paper.yaml", teacher=frcnn_teacher_weights))
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.student.parameters():
@@ -101,7 +101,7 @@ def test_student_module_knows_the_student():
 
 # ---- evaluation and export without the teacher -----------------------------------------
 def test_build_model_builds_the_student_only(no_teacher):
-    model = build_model(cfg_for("tar_faster_rcnn.yaml", *ABSENT))
+    model = build_model(cfg_for("tar_faster_rcnn_paper.yaml", *ABSENT))
     assert isinstance(model, Distiller)
     assert model.teacher is None and model.method is None
     assert all(k.startswith(STUDENT_PREFIX) for k in model.state_dict())
@@ -110,14 +110,14 @@ def test_build_model_builds_the_student_only(no_teacher):
 def test_eval_only_without_teacher(distilled, tmp_path, no_teacher):
     model, ckpt = distilled
     opts = SMALL + ["OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", ckpt, *ABSENT]
-    args = default_argument_parser().parse_args(["--config-file", qs("tar_faster_rcnn.yaml"), "--eval-only", *opts])
+    args = default_argument_parser().parse_args(["--config-file", qs("tar_faster_rcnn_paper.yaml"), "--eval-only", *opts])
     results = _train_net().main(args)
     assert {"AP", "AP50"} <= set(results["bbox"])
 
 
 def test_default_predictor_without_teacher(distilled, no_teacher, caplog):
     model, ckpt = distilled
-    cfg = cfg_for("tar_faster_rcnn.yaml", "MODEL.WEIGHTS", ckpt, *ABSENT)
+    cfg = cfg_for("tar_faster_rcnn_paper.yaml", "MODEL.WEIGHTS", ckpt, *ABSENT)
     with caplog.at_level(logging.INFO):
         predictor = DefaultPredictor(cfg)
     # method.* (the adapters) are ignored quietly: one info line, no incompatible-keys warnings
@@ -133,20 +133,21 @@ def test_default_predictor_without_teacher(distilled, no_teacher, caplog):
 
 def test_export_without_teacher(distilled, tmp_path, no_teacher):
     model, ckpt = distilled
-    weights, _ = export_student(qs("tar_faster_rcnn.yaml"), ckpt, str(tmp_path), SMALL + ABSENT)
+    weights, _ = export_student(qs("tar_faster_rcnn_paper.yaml"), ckpt, str(tmp_path), SMALL + ABSENT)
     exported = torch.load(weights, map_location="cpu", weights_only=True)["model"]
     student = model.student.state_dict()
     assert set(exported) == set(student)
     assert all(torch.equal(exported[k], v) for k, v in student.items())
 
 
+@pytest.mark.slow
 def test_eval_teacher_loads_the_teacher_only_when_asked(distilled, tmp_path, frcnn_teacher_weights, monkeypatch):
     train_net = _train_net()
     built = []
     original = train_net.build_teacher
     monkeypatch.setattr(train_net, "build_teacher", lambda cfg: built.append(1) or original(cfg))
     _, ckpt = distilled
-    base = ["--config-file", qs("tar_faster_rcnn.yaml"), "--eval-only", *SMALL, "OUTPUT_DIR", str(tmp_path),
+    base = ["--config-file", qs("tar_faster_rcnn_paper.yaml"), "--eval-only", *SMALL, "OUTPUT_DIR", str(tmp_path),
             "MODEL.WEIGHTS", ckpt, "DISTILL.TEACHER.WEIGHTS", frcnn_teacher_weights]
     results = train_net.main(default_argument_parser().parse_args(base + ["DISTILL.EVAL.TEACHER", "True"]))
     assert set(results) == {"student", "teacher"} and built == [1]
@@ -186,14 +187,14 @@ def test_eval_only_plain_student_config_with_distiller_checkpoint(distilled, tmp
 
 # ---- training needs the teacher ----------------------------------------------------------
 def test_training_a_teacherless_distiller_says_how_to_attach(no_teacher):
-    model = build_model(cfg_for("tar_faster_rcnn.yaml", *ABSENT))
+    model = build_model(cfg_for("tar_faster_rcnn_paper.yaml", *ABSENT))
     model.train()
     with EventStorage(0), pytest.raises(RuntimeError, match=r"attach_teacher\(model, cfg\)"):
         model(fake_batch(1))
 
 
 def test_trainer_fails_at_once_without_teacher_weights(tmp_path):
-    cfg = cfg_for("tar_faster_rcnn.yaml", teacher=str(tmp_path / "missing.pth"), out_dir=tmp_path)
+    cfg = cfg_for("tar_faster_rcnn_paper.yaml", teacher=str(tmp_path / "missing.pth"), out_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         DistillTrainer(cfg)
 
@@ -206,7 +207,7 @@ def test_non_finite_teacher_is_refused_at_load(frcnn_teacher_weights, tmp_path, 
     state["model"][key].view(-1)[:3] = bad
     path = tmp_path / "broken_teacher.pth"
     torch.save(state, path)
-    cfg = cfg_for("tar_faster_rcnn.yaml", teacher=str(path), out_dir=tmp_path)
+    cfg = cfg_for("tar_faster_rcnn_paper.yaml", teacher=str(path), out_dir=tmp_path)
     with pytest.raises(RuntimeError) as e:
         DistillTrainer(cfg)  # at load, not at the first step
     msg = str(e.value)

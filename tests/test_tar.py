@@ -20,7 +20,7 @@ def _step(model, batch, it=0):
 
 
 def test_teacher_box_pooler_gets_exactly_the_students_sampled_boxes(frcnn_teacher_weights):
-    model = build(cfg_for("tar_faster_rcnn.yaml", teacher=frcnn_teacher_weights))
+    model = build(cfg_for("tar_faster_rcnn_paper.yaml", teacher=frcnn_teacher_weights))
     student_calls = _count_calls(model.student.roi_heads.box_pooler)
     teacher_calls = _count_calls(model.teacher.model.roi_heads.box_pooler)
     predictor_calls = _count_calls(model.student.roi_heads.box_predictor)
@@ -44,14 +44,14 @@ def test_teacher_box_pooler_gets_exactly_the_students_sampled_boxes(frcnn_teache
     ],
 )
 def test_zero_weight_component_is_not_computed(frcnn_teacher_weights, off, absent):
-    model = build(cfg_for("tar_faster_rcnn.yaml", *off, teacher=frcnn_teacher_weights))
+    model = build(cfg_for("tar_faster_rcnn_paper.yaml", *off, teacher=frcnn_teacher_weights))
     losses = _step(model, fake_batch(2))
     assert absent not in losses
     assert len([k for k in losses if k.startswith("loss_tar_")]) == 2
 
 
 def test_head_terms_off_never_run_teacher_box_head(frcnn_teacher_weights):
-    cfg = cfg_for("tar_faster_rcnn.yaml", "DISTILL.TAR.CLS_WEIGHT", "0.0", "DISTILL.TAR.REG_WEIGHT", "0.0",
+    cfg = cfg_for("tar_faster_rcnn_paper.yaml", "DISTILL.TAR.CLS_WEIGHT", "0.0", "DISTILL.TAR.REG_WEIGHT", "0.0",
                   teacher=frcnn_teacher_weights)
     model = build(cfg)
     box_head_calls = _count_calls(model.teacher.model.roi_heads.box_head)
@@ -64,7 +64,7 @@ def test_head_terms_off_never_run_teacher_box_head(frcnn_teacher_weights):
 
 
 def test_all_weights_zero_skips_the_teacher(frcnn_teacher_weights):
-    cfg = cfg_for("tar_faster_rcnn.yaml", "DISTILL.TAR.FEAT_WEIGHT", "0.0", "DISTILL.TAR.CLS_WEIGHT", "0.0",
+    cfg = cfg_for("tar_faster_rcnn_paper.yaml", "DISTILL.TAR.FEAT_WEIGHT", "0.0", "DISTILL.TAR.CLS_WEIGHT", "0.0",
                   "DISTILL.TAR.REG_WEIGHT", "0.0", teacher=frcnn_teacher_weights)
     model = build(cfg)
     backbone_calls = _count_calls(model.teacher.model.backbone)
@@ -74,7 +74,7 @@ def test_all_weights_zero_skips_the_teacher(frcnn_teacher_weights):
 
 
 def test_losses_finite_without_ground_truth(frcnn_teacher_weights):
-    model = build(cfg_for("tar_faster_rcnn.yaml", teacher=frcnn_teacher_weights))
+    model = build(cfg_for("tar_faster_rcnn_paper.yaml", teacher=frcnn_teacher_weights))
     losses = _step(model, fake_batch(2, boxes_per_image=0))
     for k in ("loss_tar_feat", "loss_tar_cls", "loss_tar_reg"):
         assert torch.isfinite(losses[k]) and losses[k] == 0, k
@@ -84,7 +84,7 @@ def test_losses_finite_without_ground_truth(frcnn_teacher_weights):
 
 
 def test_decay_is_the_default_schedule(frcnn_teacher_weights):
-    model = build(cfg_for("tar_faster_rcnn.yaml", teacher=frcnn_teacher_weights, iters=4))
+    model = build(cfg_for("tar_faster_rcnn_paper.yaml", teacher=frcnn_teacher_weights, iters=4))
     assert model.schedule.kind == "linear"
     assert [model.schedule_factor(t) for t in (0, 2, 4)] == [1.0, 0.5, 0.0]
 
@@ -100,7 +100,7 @@ def test_proposals_both_adds_teacher_proposals(frcnn_teacher_weights, monkeypatc
         return original(self, proposals, targets)
 
     monkeypatch.setattr(StandardROIHeads, "label_and_sample_proposals", spy)  # before the recorder wraps it
-    model = build(cfg_for("tar_faster_rcnn.yaml", "DISTILL.TAR.PROPOSALS", "both",
+    model = build(cfg_for("tar_faster_rcnn_paper.yaml", "DISTILL.TAR.PROPOSALS", "both",
                           "DISTILL.TAR.TEACHER_PROPOSALS_TOPK", "7", teacher=frcnn_teacher_weights))
     rpn_calls = _count_calls(model.teacher.model.proposal_generator)
     student_rpn = []
@@ -119,8 +119,9 @@ def test_proposals_both_adds_teacher_proposals(frcnn_teacher_weights, monkeypatc
     ],
     ids=["mask_rcnn", "class_agnostic"],
 )
+@pytest.mark.slow
 def test_student_variants_train(frcnn_teacher_weights, tmp_path, opts):
-    trainer = train(cfg_for("tar_faster_rcnn.yaml", *opts, teacher=frcnn_teacher_weights, out_dir=tmp_path, iters=2))
+    trainer = train(cfg_for("tar_faster_rcnn_paper.yaml", *opts, teacher=frcnn_teacher_weights, out_dir=tmp_path, iters=2))
     keys = set(trainer.storage.histories())
     assert {"loss_tar_feat", "loss_tar_cls", "loss_tar_reg"} <= keys
     if "MODEL.MASK_ON" in opts:
@@ -138,7 +139,7 @@ def test_student_variants_train(frcnn_teacher_weights, tmp_path, opts):
     ],
 )
 def test_mismatched_teacher_fails_at_build(frcnn_teacher_weights, teacher_opts, message):
-    cfg = cfg_for("tar_faster_rcnn.yaml", "DISTILL.TEACHER.OPTS", teacher_opts, teacher=frcnn_teacher_weights)
+    cfg = cfg_for("tar_faster_rcnn_paper.yaml", "DISTILL.TEACHER.OPTS", teacher_opts, teacher=frcnn_teacher_weights)
     with pytest.raises(ValueError, match=message):
         build(cfg)
 
@@ -168,7 +169,7 @@ def test_head_terms_are_normalised_by_all_sampled_rois(frcnn_teacher_weights, mo
 
     spy("tar_cls_loss")
     spy("tar_reg_loss")
-    cfg = cfg_for("tar_faster_rcnn.yaml", "DISTILL.TAR.CLS_GATE", "none", "DISTILL.TAR.REG_GATE", "none",
+    cfg = cfg_for("tar_faster_rcnn_paper.yaml", "DISTILL.TAR.CLS_GATE", "none", "DISTILL.TAR.REG_GATE", "none",
                   "DISTILL.SCHEDULE.KIND", "constant", "DISTILL.TAR.CLS_WEIGHT", "0.5",
                   "DISTILL.TAR.REG_WEIGHT", "2.0", teacher=frcnn_teacher_weights)
     model = build(cfg)

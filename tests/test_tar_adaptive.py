@@ -131,7 +131,7 @@ def test_gradient_ratios_by_hand():
 
 
 def test_student_parts_are_the_backbone_and_the_box_head(frcnn_teacher_weights):
-    model = build(cfg_for("tar_faster_rcnn.yaml", teacher=frcnn_teacher_weights))
+    model = build(cfg_for("tar_faster_rcnn_paper.yaml", teacher=frcnn_teacher_weights))
     parts = student_parts(model.student)
     ids = {k: {id(p) for p in v} for k, v in parts.items()}
     heads = model.student.roi_heads
@@ -149,7 +149,7 @@ def _ratios_logged(model, it=0):
 
 
 def test_grad_ratios_are_logged_on_the_right_parts(frcnn_teacher_weights):
-    model = build(cfg_for("tar_faster_rcnn.yaml", "DISTILL.DIAGNOSTICS.GRAD_PERIOD", "5",
+    model = build(cfg_for("tar_faster_rcnn_paper.yaml", "DISTILL.DIAGNOSTICS.GRAD_PERIOD", "5",
                           teacher=frcnn_teacher_weights, iters=100))  # r(10) = 0.9
     ratios = _ratios_logged(model, it=10)
     assert set(ratios) == {f"loss_tar_{x}/{p}" for x in ("feat", "cls", "reg") for p in ("backbone", "box_head")}
@@ -160,7 +160,7 @@ def test_grad_ratios_are_logged_on_the_right_parts(frcnn_teacher_weights):
 
 
 def test_grad_ratios_off_computes_nothing(frcnn_teacher_weights, monkeypatch):
-    model = build(cfg_for("tar_faster_rcnn.yaml", teacher=frcnn_teacher_weights))
+    model = build(cfg_for("tar_faster_rcnn_paper.yaml", teacher=frcnn_teacher_weights))
     assert model.grad_period == 0
 
     def fail(*args, **kwargs):
@@ -172,7 +172,7 @@ def test_grad_ratios_off_computes_nothing(frcnn_teacher_weights, monkeypatch):
 
 def test_grad_period_negative_is_a_config_error(frcnn_teacher_weights):
     with pytest.raises(ValueError, match=r"DISTILL.DIAGNOSTICS.GRAD_PERIOD=-1 must be >= 0"):
-        build(cfg_for("tar_faster_rcnn.yaml", "DISTILL.DIAGNOSTICS.GRAD_PERIOD", "-1",
+        build(cfg_for("tar_faster_rcnn_paper.yaml", "DISTILL.DIAGNOSTICS.GRAD_PERIOD", "-1",
                       teacher=frcnn_teacher_weights))
 
 
@@ -187,7 +187,7 @@ def _calls(module):
 
 @pytest.mark.parametrize("gate", ["cls", "iou"])
 def test_feature_gate_runs_the_teacher_box_head_and_logs_its_rate(frcnn_teacher_weights, gate):
-    model = build(cfg_for("tar_faster_rcnn.yaml", "DISTILL.TAR.FEAT_GATE", gate, "DISTILL.TAR.CLS_WEIGHT", "0.0",
+    model = build(cfg_for("tar_faster_rcnn_paper.yaml", "DISTILL.TAR.FEAT_GATE", gate, "DISTILL.TAR.CLS_WEIGHT", "0.0",
                           "DISTILL.TAR.REG_WEIGHT", "0.0", "DISTILL.TAR.FEAT_DISTANCE", "standardized",
                           teacher=frcnn_teacher_weights))
     box_head = _calls(model.teacher.model.roi_heads.box_head)
@@ -207,7 +207,7 @@ def test_closed_feature_gate_removes_the_feature_loss(frcnn_teacher_weights, mon
     """With every object's gate closed the masks are zero, so the term is exactly 0."""
     import d2_distill.methods.tar as tar
 
-    model = build(cfg_for("tar_faster_rcnn.yaml", "DISTILL.TAR.FEAT_GATE", "cls", teacher=frcnn_teacher_weights))
+    model = build(cfg_for("tar_faster_rcnn_paper.yaml", "DISTILL.TAR.FEAT_GATE", "cls", teacher=frcnn_teacher_weights))
     model.train()
     with EventStorage(0):
         assert model(fake_batch(2))["loss_tar_feat"] > 0
@@ -218,7 +218,7 @@ def test_closed_feature_gate_removes_the_feature_loss(frcnn_teacher_weights, mon
 
 def test_bounded_regression_through_the_model(frcnn_teacher_weights):
     opts = ["DISTILL.TAR.FEAT_WEIGHT", "0.0", "DISTILL.TAR.CLS_WEIGHT", "0.0", "DISTILL.TAR.REG_GATE", "none"]
-    model = build(cfg_for("tar_faster_rcnn.yaml", *opts, "DISTILL.TAR.REG_LOSS", "bounded",
+    model = build(cfg_for("tar_faster_rcnn_paper.yaml", *opts, "DISTILL.TAR.REG_LOSS", "bounded",
                           teacher=frcnn_teacher_weights))
     model.train()
     torch.manual_seed(0)
@@ -239,4 +239,15 @@ def test_unknown_option_values_are_config_errors(frcnn_teacher_weights):
                             ("FEAT_DISTANCE", "cosine", "'l2', 'standardized'"),
                             ("REG_LOSS", "l2", "'teacher', 'bounded'")):
         with pytest.raises(ValueError, match=f"DISTILL.TAR.{key}='{bad}' is not one of \\[{valid}\\]"):
-            build(cfg_for("tar_faster_rcnn.yaml", f"DISTILL.TAR.{key}", bad, teacher=frcnn_teacher_weights))
+            build(cfg_for("tar_faster_rcnn_paper.yaml", f"DISTILL.TAR.{key}", bad, teacher=frcnn_teacher_weights))
+
+
+@pytest.mark.parametrize("period, logged", [(3, {3: True, 4: False, 6: True}), (0, {0: False, 3: False})])
+def test_log_period_sets_how_often_methods_log(frcnn_teacher_weights, period, logged):
+    model = build(cfg_for("tar_faster_rcnn_paper.yaml", "DISTILL.LOG_PERIOD", str(period),
+                          teacher=frcnn_teacher_weights, iters=100))
+    model.train()
+    for it, expected in logged.items():
+        with EventStorage(it) as storage:
+            model(fake_batch(2))
+            assert ("distill/tar_cls_gate_rate" in storage.latest()) == expected, it

@@ -119,7 +119,7 @@ def test_mismatched_teacher_fails_at_build(retina_teacher_weights, teacher_opts,
 
 
 def test_tbd_on_faster_rcnn_fails_at_build(frcnn_teacher_weights):
-    cfg = cfg_for("tar_faster_rcnn.yaml", "DISTILL.METHOD", "TBD", teacher=frcnn_teacher_weights)
+    cfg = cfg_for("tar_faster_rcnn_paper.yaml", "DISTILL.METHOD", "TBD", teacher=frcnn_teacher_weights)
     with pytest.raises(ValueError, match=r"DISTILL.METHOD=TBD serves RetinaNet detectors; the student is \'GeneralizedRCNN\' \(methods for GeneralizedRCNN: FEATURE, PKD, TAR\)"):
         build(cfg)
 

@@ -18,6 +18,7 @@ def _train_net():
 @pytest.mark.parametrize("config,amp", [("faster_rcnn_R18_FPN_student.yaml", False),
                                         ("retinanet_R18_FPN_student.yaml", False),
                                         ("faster_rcnn_R18_FPN_student.yaml", True)])  # bfloat16 autocast on CPU
+@pytest.mark.slow
 def test_train_then_eval_only(tmp_path, config, amp):
     train_net = _train_net()
     opts = SMALL + ["SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(tmp_path), "SOLVER.AMP.ENABLED", str(amp),

@@ -2,7 +2,7 @@
 
 Every image is generated procedurally from ``np.random.default_rng([seed, index])``
 so a split is byte-for-byte reproducible from its seed and any single image can
-be regenerated on its own. Images are 256x256 BGR PNGs with 1-8 labelled shapes
+be regenerated on its own. Images are 256x256 BGR PNGs with 1-5 labelled shapes (``ShapesStyle``)
 of six classes (``THING_CLASSES``) on a textured background with unlabelled
 distractors (lines, arcs, outlines and irregular blobs, some of which are drawn
 over the labelled shapes). Colour is drawn independently of the class; size,

@@ -16,25 +16,15 @@ A distiller's state is ``student.*`` (the unmodified detectron2 student) plus
 """
 from __future__ import annotations
 
+import os
+import zipfile
 from typing import Any, Dict
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..student import EXPORT_COMMAND, is_distiller_state, student_state_dict
+from ..student import EXPORT_COMMAND, is_distiller_state, state_mismatch, student_state_dict
 
 __all__ = ["DistillCheckpointer"]
-
-
-def _mismatch(model_state: Dict[str, Any], state: Dict[str, Any]) -> str:
-    """What keeps ``state`` from loading into a model with ``model_state`` exactly ('' if nothing)."""
-    problems = []
-    missing = sorted(set(model_state) - set(state))
-    unexpected = sorted(set(state) - set(model_state))
-    shapes = [k for k, v in model_state.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shapes for", shapes)):
-        if keys:
-            problems.append(f"{len(keys)} {what} key(s) (e.g. {', '.join(keys[:3])})")
-    return "; ".join(problems)
 
 
 class DistillCheckpointer(DetectionCheckpointer):
@@ -52,7 +42,7 @@ class DistillCheckpointer(DetectionCheckpointer):
             return super()._load_model(checkpoint)
         # a distiller checkpoint into a plain detectron2 model: its student, exactly, or an error
         student_state = student_state_dict(state)
-        problem = _mismatch(self.model.state_dict(), student_state)
+        problem = state_mismatch(self.model.state_dict(), student_state)
         if problem:
             raise ValueError(
                 f"MODEL.WEIGHTS={self._loading!r} is a distiller checkpoint whose student does not match this "
@@ -70,3 +60,27 @@ class DistillCheckpointer(DetectionCheckpointer):
             return super().load(path, *args, **kwargs)
         finally:
             self._loading = None
+
+    def _load_file(self, filename: str):
+        try:
+            return super()._load_file(filename)
+        except Exception as e:
+            if not filename.endswith(".pth") or not os.path.isfile(filename) or zipfile.is_zipfile(filename):
+                raise
+            # a truncated or corrupt torch checkpoint (e.g. a job killed while saving):
+            # name the file and the newest intact checkpoint beside it
+            good = _newest_intact_checkpoint(os.path.dirname(filename) or ".", exclude=filename)
+            hint = (f"the newest intact checkpoint there is {good!r}: write its file name into "
+                    f"{os.path.join(os.path.dirname(filename), 'last_checkpoint')!r} to resume from it"
+                    if good else "no intact checkpoint is beside it")
+            raise RuntimeError(f"checkpoint {filename!r} is truncated or corrupt ({type(e).__name__}: {e}); {hint}") from e
+
+
+def _newest_intact_checkpoint(folder: str, exclude: str) -> str:
+    """The newest ``*.pth`` in ``folder`` that is a complete torch zip archive, or ''."""
+    candidates = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".pth")]
+    candidates = [c for c in candidates if os.path.abspath(c) != os.path.abspath(exclude)]
+    for c in sorted(candidates, key=os.path.getmtime, reverse=True):
+        if zipfile.is_zipfile(c):
+            return c
+    return ""

@@ -34,6 +34,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
 from detectron2.structures import ImageList, Instances
+from detectron2.utils.events import get_event_storage
 from detectron2.utils.registry import Registry
 from torch import nn
 
@@ -97,9 +98,22 @@ class DistillMethod(nn.Module):
     positive: ClassVar[Tuple[str, ...]] = ()
     unit_interval: ClassVar[Tuple[str, ...]] = ()
 
+    # how often the method's own scalars (gate rates, ...) go to EventStorage;
+    # the Distiller sets it from DISTILL.LOG_PERIOD
+    log_period: int = 20
+
     def __init__(self, *, teacher):
         super().__init__()
         self.teacher = teacher  # a FrozenTeacher: not an nn.Module, so not registered here
+
+    def put_scalar(self, name: str, value) -> None:
+        """Log ``distill/<name>`` every ``log_period`` iterations; nothing otherwise.
+        ``value``: a number, a tensor, or a function returning one (then only
+        evaluated on the iterations that log)."""
+        storage = get_event_storage()
+        if self.log_period > 0 and storage.iter % self.log_period == 0:
+            value = value() if callable(value) else value
+            storage.put_scalar(f"distill/{name}", value.detach() if isinstance(value, torch.Tensor) else value)
 
     # ---- configuration ------------------------------------------------------
     @classmethod

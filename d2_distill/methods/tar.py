@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.structures import Boxes, Instances
-from detectron2.utils.events import get_event_storage
 
 from ..losses import (
     rowwise_iou,
@@ -276,8 +275,8 @@ class TARMethod(DistillMethod):
             s_score = rowwise_iou(s_boxes, rois.gt_boxes)
         objects = _roi_objects(rois.sampled, step.gt_instances, self.num_classes)[rois.fg]
         gate = tar_object_gate(t_score, s_score, objects, sum(len(x) for x in step.gt_instances))
-        if get_event_storage().iter % 20 == 0 and gate.numel():
-            get_event_storage().put_scalar("distill/tar_feat_gate_rate", gate.float().mean())
+        if gate.numel():
+            self.put_scalar("tar_feat_gate_rate", lambda: gate.float().mean())
         return list(gate.split([len(x) for x in step.gt_instances]))
 
     def _head_losses(self, rois: "_RoIs") -> Dict[str, torch.Tensor]:
@@ -288,7 +287,6 @@ class TARMethod(DistillMethod):
         # rescale by rows / sampled.
         sampled_rows = max(gt_classes.numel(), 1)
         out: Dict[str, torch.Tensor] = {}
-        log = get_event_storage().iter % 20 == 0
 
         if self.cls_weight > 0:
             rows = fg if self.cls_rois == "foreground" else torch.ones_like(fg)
@@ -296,8 +294,7 @@ class TARMethod(DistillMethod):
             gate = tar_cls_gate(zs, zt, y) if self.cls_gate == "adaptive" else torch.ones_like(y, dtype=torch.bool)
             share = zs.shape[0] / sampled_rows
             out["loss_tar_cls"] = self.cls_weight * share * tar_cls_loss(zs, zt, gate, self.temperature)
-            if log:
-                get_event_storage().put_scalar("distill/tar_cls_gate_rate", gate.float().mean().nan_to_num(0.0))
+            self.put_scalar("tar_cls_gate_rate", lambda: gate.float().mean().nan_to_num(0.0))
 
         if self.reg_weight > 0:
             proposals, gt_boxes, y, t_boxes = rois.proposals, rois.gt_boxes, rois.y, rois.t_boxes
@@ -317,8 +314,7 @@ class TARMethod(DistillMethod):
             else:
                 loss = tar_reg_loss(ds, dt, gate, self.beta)
             out["loss_tar_reg"] = self.reg_weight * share * loss
-            if log:
-                get_event_storage().put_scalar("distill/tar_reg_gate_rate", gate.float().mean().nan_to_num(0.0))
+            self.put_scalar("tar_reg_gate_rate", lambda: gate.float().mean().nan_to_num(0.0))
         return out
 
 

@@ -24,7 +24,6 @@ import torch
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling.meta_arch.retinanet import permute_to_N_HWA_K
 from detectron2.structures import Boxes, pairwise_iou
-from detectron2.utils.events import get_event_storage
 
 from ..losses import giou_loss_rowwise, harmony_score, quality_focal_distill_loss, rowwise_iou, tfd_balance, tfd_mask
 from .base import DISTILL_METHOD_REGISTRY, DistillMethod, DistillStep, FeatureAdapters, check_same
@@ -187,9 +186,7 @@ class TBDMethod(DistillMethod):
 
         s_boxes = self.student_transform.apply_deltas(s_deltas[pos], s_anchors.repeat(pos.shape[0], 1)[pos.reshape(-1)])
         reg = (pos_w[pos] * giou_loss_rowwise(s_boxes, t_boxes[pos])).sum() / n_pos
-        storage = get_event_storage()
-        if storage.iter % 20 == 0:
-            storage.put_scalar("distill/tbd_mean_hs", (hs.sum() / n_pos).detach())
+        self.put_scalar("tbd_mean_hs", lambda: hs.sum() / n_pos)
         return cls + self.hd_reg_weight * reg
 
     def _tfd_loss(self, step: DistillStep, r, t_logits, t_boxes, t_prob) -> torch.Tensor:
@@ -213,7 +210,5 @@ class TBDMethod(DistillMethod):
             iou = max_iou[:, start : start + n].reshape(N, h, w, a).permute(0, 3, 1, 2)
             masks[f] = tfd_mask(prob, iou, w_cls)
             start += n
-        storage = get_event_storage()
-        if storage.iter % 20 == 0:
-            storage.put_scalar("distill/tbd_tfd_cls_weight", w_cls if isinstance(w_cls, float) else w_cls.detach())
+        self.put_scalar("tbd_tfd_cls_weight", w_cls)
         return self.tfd.imitation_loss(feats, step.teacher_features, masks)

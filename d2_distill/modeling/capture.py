@@ -4,7 +4,6 @@ A :class:`Recorder` attaches to named parts of a model and keeps what they
 produce during one forward pass:
 
 * ``record_output(key, "backbone")``: a forward hook; keeps the module's output;
-* ``record_input(key, "roi_heads.box_pooler")``: a forward pre-hook; keeps its args;
 * ``record_return(key, "roi_heads", "label_and_sample_proposals")``: wraps one
   bound method of one instance; keeps its return value. An optional
   ``transform_args`` may rewrite the call's arguments (used by TAR's
@@ -47,14 +46,6 @@ class Recorder:
                 self.records[key] = output
 
         handle = self._module(path).register_forward_hook(hook)
-        self._undo.append(handle.remove)
-
-    def record_input(self, key: str, path: str) -> None:
-        def hook(_module, inputs):
-            if self._active:
-                self.records[key] = inputs
-
-        handle = self._module(path).register_forward_pre_hook(hook)
         self._undo.append(handle.remove)
 
     def record_return(

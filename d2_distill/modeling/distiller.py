@@ -89,6 +89,7 @@ class Distiller(nn.Module):
         schedule: Optional[DistillSchedule] = None,
         input_format: str = "BGR",
         grad_period: int = 0,
+        log_period: int = 20,
     ):
         """
         Args:
@@ -99,6 +100,7 @@ class Distiller(nn.Module):
             input_format: the student's INPUT.FORMAT (the teacher converts RGB<->BGR).
             grad_period: every this many iterations, log the distillation losses'
                 gradient ratios (:mod:`d2_distill.modeling.diagnostics`); 0 = never.
+            log_period: how often the method logs its own scalars (gate rates, ...).
         """
         super().__init__()
         self.student = student
@@ -108,6 +110,7 @@ class Distiller(nn.Module):
         self.schedule = schedule
         self.input_format = input_format
         self.grad_period = int(grad_period)
+        self.log_period = int(log_period)
         self.size_divisibility = 1
         self.register_load_state_dict_pre_hook(_plain_student_state_into_student)
         self.register_load_state_dict_post_hook(_ignore_method_state_without_method)
@@ -121,7 +124,7 @@ class Distiller(nn.Module):
         validate_distill_cfg(cfg)
         student = build_model(student_cfg(cfg))
         ret = {"student": student, "schedule": build_schedule(cfg), "input_format": cfg.INPUT.FORMAT,
-               "grad_period": cfg.DISTILL.DIAGNOSTICS.GRAD_PERIOD}
+               "grad_period": cfg.DISTILL.DIAGNOSTICS.GRAD_PERIOD, "log_period": cfg.DISTILL.LOG_PERIOD}
         if with_teacher:
             ret["teacher"], ret["method"] = _teacher_and_method(cfg, student)
         return ret
@@ -134,6 +137,7 @@ class Distiller(nn.Module):
             raise RuntimeError("this Distiller already has a teacher and a method")
         self.teacher = teacher.to(self.device)
         self.method = method.to(self.device)
+        self.method.log_period = self.log_period
         self.recorder = Recorder(self.student)
         self.method.install(self.recorder)
         self.size_divisibility = common_divisibility(self.student.backbone, teacher.model.backbone)

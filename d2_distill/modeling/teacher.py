@@ -22,6 +22,7 @@ import os
 from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import numpy as np
+import yaml
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -31,7 +32,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ..config import add_distill_config
-from ..student import is_distiller_state, student_cfg, student_state_dict
+from ..student import is_distiller_state, mismatch_report, student_cfg, student_state_dict
 
 __all__ = [
     "FrozenTeacher",
@@ -66,13 +67,20 @@ def resolve_config_file(name: str, what: str = "DISTILL.TEACHER.CONFIG_FILE") ->
     raise FileNotFoundError(f"{what}={name!r} not found; tried: " + "; ".join(tried))
 
 
+class _KeysLoader(yaml.SafeLoader):
+    """safe_load that reads a value written with a Python tag (which fvcore would
+    evaluate, e.g. the model zoo's anchor sizes) as None instead of failing: only
+    the config's keys matter here, and nothing is evaluated."""
+
+
+_KeysLoader.add_multi_constructor("tag:yaml.org,2002:python/", lambda loader, suffix, node: None)
+
+
 def _naming_file(config_file: str, keys: Sequence[str]) -> Optional[str]:
     """The file of ``config_file``'s ``_BASE_`` chain whose value of ``keys`` wins
     (the including file over its bases, a later base over an earlier one)."""
-    import yaml
-
     with open(config_file) as f:
-        data = yaml.safe_load(f) or {}
+        data = yaml.load(f, Loader=_KeysLoader) or {}
     node = data
     for k in keys:
         node = node.get(k) if isinstance(node, dict) else None
@@ -177,20 +185,12 @@ class StrictTeacherCheckpointer(DetectionCheckpointer):
                 "(was its training diverging when it was saved?)"
             )
         incompatible = super()._load_model(checkpoint)
-        problems = []
-        if incompatible.missing_keys:
-            problems.append(f"missing keys {sorted(incompatible.missing_keys)}")
-        if incompatible.unexpected_keys:
-            problems.append(f"unexpected keys {sorted(incompatible.unexpected_keys)}")
-        if incompatible.incorrect_shapes:
-            problems.append(
-                "wrong shapes "
-                + ", ".join(f"{k}: file {a} vs model {b}" for k, a, b in incompatible.incorrect_shapes)
-            )
-        if problems:
+        problem = mismatch_report(incompatible.missing_keys, incompatible.unexpected_keys,
+                                  incompatible.incorrect_shapes)
+        if problem:
             raise RuntimeError(
                 f"DISTILL.TEACHER.WEIGHTS={self._weights!r} does not match the teacher built from "
-                f"DISTILL.TEACHER.CONFIG_FILE={self._config_file!r}: " + "; ".join(problems)
+                f"DISTILL.TEACHER.CONFIG_FILE={self._config_file!r}: {problem}"
             )
         return incompatible
 
