@@ -10,7 +10,10 @@ returns (detection and distillation), prints its value and the L2 norm of its
 gradient on each top-level part of the student (backbone, proposal_generator,
 roi_heads / head), averaged over the batches. A distillation term whose
 gradient dwarfs the ground-truth terms' on the same part drowns them: this is
-how the TAR head terms' normaliser was chosen (benchmarks/RESULTS.md).
+how the TAR head terms' normaliser was chosen (benchmarks/RESULTS.md). It also
+prints each distillation loss's gradient ratio to the sum of the detection losses
+on the student's backbone and head, what DISTILL.DIAGNOSTICS.GRAD_PERIOD logs
+during training.
 Nothing is trained: the weights are the same after the run.
 """
 from __future__ import annotations
@@ -20,6 +23,9 @@ from collections import defaultdict
 from typing import Dict, List
 
 from . import setups as lab
+
+# the student's own losses (detectron2's names), against which the ratios are taken
+DETECTION_LOSSES = ("loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc", "loss_mask")
 
 
 def parse_args(argv=None):
@@ -47,6 +53,7 @@ def measure(args) -> Dict:
 
     from d2_distill.engine import DistillTrainer, setup_cfg
     from d2_distill.modeling import attach_teacher
+    from d2_distill.modeling.diagnostics import gradient_norm, gradient_ratios, student_parts
 
     opts = list(args.opts) + (["DISTILL.TEACHER.WEIGHTS", args.teacher_weights] if args.teacher_weights else [])
     cfg = setup_cfg(args.config_file, opts)
@@ -66,6 +73,7 @@ def measure(args) -> Dict:
              for name, child in model.student.named_children()}
     parts = {k: v for k, v in parts.items() if v}
     sums: Dict[str, Dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    ratio_sums: Dict[str, float] = defaultdict(float)
     data = iter(build_detection_train_loader(cfg))
     with EventStorage(0):
         for _ in range(args.batches):
@@ -73,11 +81,17 @@ def measure(args) -> Dict:
             for name, loss in losses.items():
                 sums[name]["value"] += float(loss.detach())
                 for part, params in parts.items():
-                    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-                    sums[name][part] += sum(float(g.float().square().sum()) for g in grads if g is not None) ** 0.5
+                    sums[name][part] += float(gradient_norm(loss, params))
+            # what DISTILL.DIAGNOSTICS.GRAD_PERIOD logs: each distillation loss against the
+            # sum of the detection losses, on the student's backbone and head
+            detection = sum(v for k, v in losses.items() if k in DETECTION_LOSSES)
+            distill = {k: v for k, v in losses.items() if k not in DETECTION_LOSSES}
+            for key, value in gradient_ratios(detection, distill, student_parts(model.student)).items():
+                ratio_sums[key] += value
     table = {name: {k: v / args.batches for k, v in row.items()} for name, row in sorted(sums.items())}
     return {"config_file": args.config_file, "student_weights": args.student_weights or None,
-            "batches": args.batches, "parts": list(parts), "losses": table}
+            "batches": args.batches, "parts": list(parts), "losses": table,
+            "grad_ratios": {k: v / args.batches for k, v in sorted(ratio_sums.items())}}
 
 
 def markdown(result: Dict) -> str:
@@ -86,6 +100,9 @@ def markdown(result: Dict) -> str:
              "|---" * (len(parts) + 2) + "|"]
     for name, row in result["losses"].items():
         lines.append(f"| {name} | {row['value']:.3f} | " + " | ".join(f"{row[p]:.3f}" for p in parts) + " |")
+    if result.get("grad_ratios"):
+        lines += ["", "| distillation loss / part | ‖∇ loss‖ / ‖∇ detection losses‖ |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in result["grad_ratios"].items()]
     return "\n".join(lines)
 
 

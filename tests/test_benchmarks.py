@@ -550,6 +550,9 @@ def test_loss_gradients_tiny_run(tmp_path, capsys, frcnn_teacher_weights):
     # each loss reaches exactly the parts it depends on
     assert rows["loss_tar_feat"]["backbone"] > 0 and rows["loss_tar_feat"]["roi_heads"] == 0
     assert rows["loss_tar_feat"]["proposal_generator"] == 0
+    ratios = result["grad_ratios"]  # against the detection losses, as DISTILL.DIAGNOSTICS logs them
+    assert ratios["loss_tar_feat/backbone"] > 0 and ratios["loss_tar_feat/box_head"] == 0
+    assert ratios["loss_tar_cls/box_head"] > 0 and not any(k.startswith("loss_cls") for k in ratios)
     assert rows["loss_rpn_cls"]["proposal_generator"] > 0 and rows["loss_rpn_cls"]["roi_heads"] == 0
     assert rows["loss_cls"]["roi_heads"] > 0 and rows["loss_cls"]["proposal_generator"] == 0
     assert json.loads(out.read_text())["losses"]["loss_tar_feat"]["backbone"] == pytest.approx(
