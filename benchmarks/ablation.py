@@ -27,7 +27,7 @@ chosen on that table, results reported from the default one, with no run trained
 import argparse
 import os
 
-from . import setups as lab
+from . import cli, parallel, setups as lab, stats
 from .runs import console_and_log, evaluate_on, fingerprint, setup_logging
 
 COLUMNS = ("AP", "AP50", "AP75", "harmonious_ratio", "mean_abs_gap")
@@ -56,14 +56,14 @@ def parse_args(argv=None):
                    help="evaluate every run (and the teacher) on this split instead of the config's "
                         "DATASETS.TEST, e.g. shapes_tune to choose settings: the runs themselves are "
                         "the same (trained once, cached), only their evaluation differs")
-    lab.add_jobs_argument(p)
-    lab.add_opts_argument(p, "extra config opts for every student run")
+    cli.add_jobs_argument(p)
+    cli.add_opts_argument(p, "extra config opts for every student run")
     args = p.parse_args(argv)
-    lab.check_opts(p, args)
-    lab.check_positive(p, "--iters", args.iters)
-    lab.check_positive(p, "--jobs", args.jobs)
-    lab.check_seeds(p, args.seeds)
-    lab.check_file(p, "--teacher-weights", args.teacher_weights)
+    cli.check_opts(p, args)
+    cli.check_positive(p, "--iters", args.iters)
+    cli.check_positive(p, "--jobs", args.jobs)
+    cli.check_seeds(p, args.seeds)
+    cli.check_file(p, "--teacher-weights", args.teacher_weights)
     for v in args.variant:
         if len(v) < 3 or len(v) % 2 == 0:
             p.error(f"--variant needs a name and KEY VALUE pairs, got {v}")
@@ -165,11 +165,11 @@ def resolve(rows, args, teacher: str):
 
 
 def run(args) -> dict:
-    lab.check_repo_root()
+    cli.check_repo_root()
     setup, iters = args.setup, args.iters
     teacher = lab.ensure_teacher(setup, args.teacher_weights)
     table = resolve(plan(args), args, teacher)
-    lab.train_parallel([(e["row_obj"], args.output, iters, seed, teacher, args.opts)
+    parallel.train_parallel([(e["row_obj"], args.output, iters, seed, teacher, args.opts)
                         for e in table if "row_obj" in e for seed in args.seeds], args.jobs)
     done = {}
     for entry in table:
@@ -183,7 +183,7 @@ def run(args) -> dict:
             entry["per_seed"].append({"seed": seed, "run": rec["run"], "command": rec["command"],
                                       "train_seconds": rec["train_seconds"], **metrics})
         for c in COLUMNS:
-            entry[c], entry[f"{c}_sd"] = lab.mean_sd([s.get(c) for s in entry["per_seed"]])
+            entry[c], entry[f"{c}_sd"] = stats.mean_sd([s.get(c) for s in entry["per_seed"]])
         done[entry["row"]] = entry
     for entry in table:
         if "same_as" in entry:
@@ -220,9 +220,9 @@ def compare_with_plain(table) -> None:
             continue
         diffs = [s.get("AP", float("nan")) - plain_ap.get(s["seed"], float("nan")) for s in r["per_seed"]]
         r["vs_plain_per_seed"] = diffs
-        r["vs_plain"], r["vs_plain_sd"] = lab.mean_sd(diffs)
+        r["vs_plain"], r["vs_plain_sd"] = stats.mean_sd(diffs)
         r["better_every_seed"] = all(d > 0 for d in diffs)  # NaN compares False
-        r["gap_closed_pct"] = lab.gap_closed(r["AP"], plain["AP"], teacher.get("AP", float("nan")))
+        r["gap_closed_pct"] = stats.gap_closed(r["AP"], plain["AP"], teacher.get("AP", float("nan")))
 
 
 def markdown(summary: dict) -> str:
@@ -241,7 +241,7 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {r['row']} | " + " | ".join("-" for _ in head) + f" |  ({r['skipped']})")
             continue
         per_seed = r.get("per_seed", [])
-        vals = [", ".join(lab.fmt(s.get("AP")) for s in per_seed) or "-"]
+        vals = [", ".join(stats.fmt(s.get("AP")) for s in per_seed) or "-"]
         for c in cols:
             v, sd = r.get(c), r.get(f"{c}_sd")
             if v is None:
@@ -250,12 +250,12 @@ def markdown(summary: dict) -> str:
                 vals.append(f"{100 * v:.1f} %" + (f" ± {100 * sd:.1f}" if sd else ""))
             else:
                 digits = 3 if c.startswith("mean_abs") else 2
-                vals.append(lab.fmt(v, digits=digits) + (f" ± {lab.fmt(sd, digits=digits)}" if sd else ""))
+                vals.append(stats.fmt(v, digits=digits) + (f" ± {stats.fmt(sd, digits=digits)}" if sd else ""))
         if paired:
             if "vs_plain" in r:
-                vals += [", ".join(lab.fmt(d, signed=True) for d in r["vs_plain_per_seed"]),
-                         f"{lab.fmt(r['vs_plain'], signed=True)} ± {lab.fmt(r['vs_plain_sd'])}",
-                         "yes" if r["better_every_seed"] else "no", f"{lab.fmt(r['gap_closed_pct'], signed=True, digits=0)} %"]
+                vals += [", ".join(stats.fmt(d, signed=True) for d in r["vs_plain_per_seed"]),
+                         f"{stats.fmt(r['vs_plain'], signed=True)} ± {stats.fmt(r['vs_plain_sd'])}",
+                         "yes" if r["better_every_seed"] else "no", f"{stats.fmt(r['gap_closed_pct'], signed=True, digits=0)} %"]
             else:
                 vals += ["" for _ in extra]
         note = f" (same run as {r['same_as']})" if "same_as" in r else ""
@@ -267,7 +267,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logging()
     summary = run(args)
-    lab.report(table_path(args), summary, markdown(summary))
+    stats.report(table_path(args), summary, markdown(summary))
     return summary
 
 

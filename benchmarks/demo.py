@@ -24,7 +24,7 @@ import argparse
 import os
 import time
 
-from . import setups as lab
+from . import cli, parallel, setups as lab, stats
 from .runs import console_and_log
 
 
@@ -53,15 +53,15 @@ def parse_args(argv=None):
     p.add_argument("--verbose", action="store_true",
                    help="show detectron2's whole log on the console (default: stages, progress with ETAs, "
                         "results and warnings; the whole log is always in <output>/demo_<setup>.log)")
-    lab.add_jobs_argument(p)
-    lab.add_opts_argument(p, "extra config opts for the student runs and the teacher's evaluation")
+    cli.add_jobs_argument(p)
+    cli.add_opts_argument(p, "extra config opts for the student runs and the teacher's evaluation")
     args = p.parse_args(argv)
-    lab.check_opts(p, args)
-    lab.check_file(p, "--teacher-weights", args.teacher_weights)
-    lab.check_positive(p, "--timing-images", args.timing_images)
-    lab.check_positive(p, "--show-images", args.show_images)
-    lab.check_positive(p, "--iters", args.iters)
-    lab.check_positive(p, "--jobs", args.jobs)
+    cli.check_opts(p, args)
+    cli.check_file(p, "--teacher-weights", args.teacher_weights)
+    cli.check_positive(p, "--timing-images", args.timing_images)
+    cli.check_positive(p, "--show-images", args.show_images)
+    cli.check_positive(p, "--iters", args.iters)
+    cli.check_positive(p, "--jobs", args.jobs)
     try:
         args.setup = lab.find_setup(found, args.method, args.config)
     except KeyError as e:
@@ -216,7 +216,7 @@ def markdown(table, cols) -> str:
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in table:
         lines.append(f"| {r['model']} | " + " | ".join(
-            lab.fmt(r.get(c, float("nan")), digits=3 if c == "harmonious_ratio" else 2) for c in cols) + " |")
+            stats.fmt(r.get(c, float("nan")), digits=3 if c == "harmonious_ratio" else 2) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -240,7 +240,7 @@ def run(args, say):
     plain_row, full_row = lab.plain_row(setup), lab.full_row(setup)
     if args.jobs > 1:
         say(f"[demo] 2-3/4 plain and {name} students side by side ({iters} iterations, --jobs {args.jobs})")
-        lab.train_parallel([(row, args.output, iters, args.seed, teacher, extra) for row in (plain_row, full_row)],
+        parallel.train_parallel([(row, args.output, iters, args.seed, teacher, extra) for row in (plain_row, full_row)],
                            args.jobs, quiet=not args.verbose)
     say(f"[demo] 2/4 plain student ({setup.plain_config}, {iters} iterations)")
     plain = lab.train_row(plain_row, args.output, iters, args.seed, teacher, extra)
@@ -274,7 +274,7 @@ def run(args, say):
     det_path = os.path.join(args.output, f"{stem}_detections.png")
     detections_figure({f"{m} ({r['AP']:.1f} AP)": d for (m, d), r in zip(dets.items(), table)},
                       det_path, args.show_score)
-    lab.write_json(os.path.join(args.output, f"{stem}.json"),
+    stats.write_json(os.path.join(args.output, f"{stem}.json"),
                    {"config": setup.config, "rows": table, "iters": iters, "seed": args.seed,
                     "precision": args.precision})
     say("\n" + text)

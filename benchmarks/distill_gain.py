@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 from typing import Dict, List
 
-from . import setups as lab
+from . import cli, parallel, setups as lab, stats
 from .ablation import TEACHER_ID, compare_with_plain
 from .runs import setup_logging
 
@@ -46,7 +46,7 @@ def _parse_teacher_weights(p: argparse.ArgumentParser, values: List[str], chosen
                 p.error(f"--teacher-weights {v!r}: the chosen configs have different teachers; write "
                         "METHOD=PATH or CONFIG=PATH (e.g. tar=teacher.pth)")
             keys, path = [s.key for s in chosen], v
-        lab.check_file(p, f"--teacher-weights {v!r}", path)
+        cli.check_file(p, f"--teacher-weights {v!r}", path)
         for k in keys:
             if k in out:
                 p.error(f"--teacher-weights: two paths for {k}")
@@ -71,16 +71,16 @@ def parse_args(argv=None):
     p.add_argument("--teacher-weights", action="append", default=[], metavar="[METHOD=]PATH",
                    help="use this teacher checkpoint instead of the quickstart teacher (METHOD=PATH or "
                         "CONFIG=PATH, e.g. pkd_retinanet=t.pth; PATH alone when all chosen configs share one teacher; repeatable)")
-    lab.add_jobs_argument(p)
-    lab.add_opts_argument(p, "extra config opts for every student run and the teacher's evaluation")
+    cli.add_jobs_argument(p)
+    cli.add_opts_argument(p, "extra config opts for every student run and the teacher's evaluation")
     args = p.parse_args(argv)
-    lab.check_opts(p, args)
-    args.methods = lab.check_choices(p, "--methods", args.methods, sorted(found) + sorted(configs))
+    cli.check_opts(p, args)
+    args.methods = cli.check_choices(p, "--methods", args.methods, sorted(found) + sorted(configs))
     chosen = [s for m in args.methods for s in found.get(m, [configs.get(m)])]
     args.setups = list({s.key: s for s in chosen}.values())  # a method and one of its configs: once
-    lab.check_seeds(p, args.seeds)
-    lab.check_positive(p, "--iters", args.iters)
-    lab.check_positive(p, "--jobs", args.jobs)
+    cli.check_seeds(p, args.seeds)
+    cli.check_positive(p, "--iters", args.iters)
+    cli.check_positive(p, "--jobs", args.jobs)
     args.teacher_weights = _parse_teacher_weights(p, args.teacher_weights, args.setups, found)
     return args
 
@@ -97,17 +97,17 @@ def compare(setup, args, teacher: str) -> Dict:
     table = [{"row": rows[k].name, "id": rows[k].id, "per_seed": [{"seed": seed, METRIC: rec["metrics"].get(METRIC, float("nan"))}
                                                 for seed, rec in zip(args.seeds, recs[k])]} for k in rows]
     for entry in table:
-        entry[METRIC] = lab.mean_sd([x[METRIC] for x in entry["per_seed"]])[0]
+        entry[METRIC] = stats.mean_sd([x[METRIC] for x in entry["per_seed"]])[0]
     table.append({"row": "teacher", "id": TEACHER_ID, METRIC: t_ap})
     compare_with_plain(table)
     plain, full = table[0], table[1]
     per_seed = [{
         "seed": seed, "plain": p[METRIC], "distilled": d[METRIC], "diff": diff,
-        "gap_closed_pct": lab.gap_closed(d[METRIC], p[METRIC], t_ap),
+        "gap_closed_pct": stats.gap_closed(d[METRIC], p[METRIC], t_ap),
         "plain_run": pr["run"], "distilled_run": dr["run"], "plain_command": pr["command"], "distilled_command": dr["command"],
     } for seed, p, d, diff, pr, dr in zip(args.seeds, plain["per_seed"], full["per_seed"], full["vs_plain_per_seed"],
                                           recs["plain"], recs["distilled"])]
-    (pm, ps), (dm, ds) = (lab.mean_sd([s[k] for s in per_seed]) for k in ("plain", "distilled"))
+    (pm, ps), (dm, ds) = (stats.mean_sd([s[k] for s in per_seed]) for k in ("plain", "distilled"))
     return {
         "method": setup.method, "config": setup.config, "teacher_config": setup.teacher_config,
         "teacher_weights": teacher, "teacher_AP": t_ap, "iters": iters, "seeds": list(args.seeds),
@@ -118,12 +118,12 @@ def compare(setup, args, teacher: str) -> Dict:
 
 
 def run(args) -> Dict:
-    lab.check_repo_root()
+    cli.check_repo_root()
     summary = {"metric": METRIC, "seeds": list(args.seeds), "runs": args.runs, "opts": list(args.opts),
                "sd": "sample standard deviation over seeds (n - 1); 0 for one seed",
                "gap_closed": "(distilled - plain) / (teacher - plain), %", "configs": {}}
     teachers = {s.key: lab.ensure_teacher(s, args.teacher_weights.get(s.key, "")) for s in args.setups}
-    lab.train_parallel([(row, args.runs, args.iters or lab.default_iters(s), seed, teachers[s.key], args.opts)
+    parallel.train_parallel([(row, args.runs, args.iters or lab.default_iters(s), seed, teachers[s.key], args.opts)
                         for s in args.setups for seed in args.seeds for row in (lab.plain_row(s), lab.full_row(s))],
                        args.jobs)
     for s in args.setups:
@@ -132,7 +132,7 @@ def run(args) -> Dict:
 
 
 def markdown(summary: Dict) -> str:
-    f = lab.fmt
+    f = stats.fmt
     lines = [
         f"{summary['metric']} on the built-in validation split, seeds {' '.join(map(str, summary['seeds']))} "
         "(mean ± sample sd); gap closed = (distilled − plain) / (teacher − plain)",
@@ -156,7 +156,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logging()
     summary = run(args)
-    lab.report(args.output, summary, markdown(summary))
+    stats.report(args.output, summary, markdown(summary))
     return summary
 
 

@@ -22,7 +22,7 @@ import argparse
 from collections import defaultdict
 from typing import Dict, List
 
-from . import setups as lab
+from . import cli, setups as lab, stats
 
 # the student's own losses (detectron2's names), against which the ratios are taken
 DETECTION_LOSSES = ("loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc", "loss_mask")
@@ -36,13 +36,13 @@ def parse_args(argv=None):
     p.add_argument("--teacher-weights", default="", help="override DISTILL.TEACHER.WEIGHTS")
     p.add_argument("--batches", type=int, default=4, help="training batches to average over (default 4)")
     p.add_argument("--output", default="", help="also write the table as JSON here")
-    lab.add_opts_argument(p, "extra config opts")
+    cli.add_opts_argument(p, "extra config opts")
     args = p.parse_args(argv)
-    lab.check_opts(p, args)
-    lab.check_positive(p, "--batches", args.batches)
+    cli.check_opts(p, args)
+    cli.check_positive(p, "--batches", args.batches)
     for flag, path in (("--config-file", args.config_file), ("--student-weights", args.student_weights),
                        ("--teacher-weights", args.teacher_weights)):
-        lab.check_file(p, flag, path)
+        cli.check_file(p, flag, path)
     return args
 
 
@@ -111,7 +111,7 @@ def main(argv=None):
     result = measure(args)
     print(markdown(result))
     if args.output:
-        lab.write_json(args.output, result)
+        stats.write_json(args.output, result)
     return result
 
 

@@ -25,7 +25,7 @@ from typing import Dict, List
 
 import torch
 
-from . import setups as lab
+from . import cli, setups as lab
 from .step_cost import build_distiller, make_batch
 
 
@@ -40,13 +40,13 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=15, help="operators listed (default 15)")
     p.add_argument("--by-shape", action="store_true", help="one line per operator and input shapes")
     p.add_argument("--dataset", default="shapes_val", help="built-in split the batch comes from (default shapes_val)")
-    lab.add_opts_argument(p, "extra config opts, e.g. -- MODEL.RESNETS.DEPTH 18")
+    cli.add_opts_argument(p, "extra config opts, e.g. -- MODEL.RESNETS.DEPTH 18")
     args = p.parse_args(argv)
-    lab.check_opts(p, args)
+    cli.check_opts(p, args)
     if not os.path.isfile(args.config_file):
         p.error(f"--config-file {args.config_file!r}: no such file")
     for flag in ("iters", "threads", "top"):
-        lab.check_positive(p, "--" + flag, getattr(args, flag))
+        cli.check_positive(p, "--" + flag, getattr(args, flag))
     for flag in ("warmup", "batch"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")

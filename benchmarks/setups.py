@@ -1,5 +1,5 @@
-"""What the demo and the benchmarks share: the lab's tables, method discovery,
-ablation rows, schedules, run folders and command-line helpers.
+"""The lab's tables: which distilled configs exist, their teachers and plain
+students, the rows of a comparison, schedules and run folders.
 
 Methods are discovered, not listed. A *setup* is one distilled quickstart config:
 a ``configs/quickstart/*.yaml`` (not ``Base-*``) whose merged config has
@@ -14,17 +14,17 @@ Ablation rows of a setup (:func:`ablation_rows`): the plain student;
 ``+ <component>`` for every entry of the method's ``components`` (the other
 components' weights set to 0; only when it has more than one); the full method;
 then the method's rows of :data:`EXTRA_ROWS` (lab data: claims of a paper worth
-a row). A method without an entry there still gets plain / + components / full.
+a row). Each row has a display label and a stable id (its run folder).
+
+Beside it: :mod:`.runs` (the run cache), :mod:`.parallel` (``--jobs``),
+:mod:`.stats` (statistics over seeds, JSON), :mod:`.cli` (shared arguments).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import glob
 import math
 import os
-import statistics
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -247,86 +247,6 @@ def train_row(row: Row, output: str, iters: int, seed: int, teacher: str, extra:
     return {**rec, "run": folder}
 
 
-def _train_in_worker(threads: int, quiet: bool, config: str, opts: List[str], folder: str, output: str) -> str:
-    """One run in a worker process of :func:`train_parallel`, with ``threads`` torch
-    threads; ``quiet``: the console as the demo's (:func:`benchmarks.runs.console_and_log`),
-    the whole log in the run folder's ``log.txt``."""
-    import contextlib
-
-    import torch
-
-    from .runs import console_and_log, setup_logging, train_and_evaluate
-
-    torch.set_num_threads(threads)
-    setup_logging()  # console_and_log filters the handlers this installs
-    with console_and_log(os.path.join(folder, "log.txt")) if quiet else contextlib.nullcontext():
-        train_and_evaluate(config, opts, folder, twins_under=output)
-    return folder
-
-
-def _die_with_parent(parent: int) -> None:
-    """Initializer of :func:`train_parallel`'s workers: on Linux, ask the kernel to
-    send this worker SIGTERM when the process that started it exits, however it
-    exits. Without it a ``kill`` of the benchmark alone (SIGTERM or SIGKILL to its
-    pid, not its process group, as a job queue or a timeout does) leaves the workers
-    training on, unseen, into run folders that a rerun then trains into as well.
-    (Ctrl-C reaches the whole process group and needs none of this.)"""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    pr_set_pdeathsig = 1  # <linux/prctl.h>
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (the affinity mask, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def train_parallel(work: Sequence[tuple], jobs: int, quiet: bool = False) -> None:
-    """Train the runs of ``work`` (``(row, output, iters, seed, teacher, extra)``, the
-    arguments of :func:`train_row`) ``jobs`` at a time, each in its own process with
-    ``cores // jobs`` torch threads; finished runs are reused there as everywhere.
-    The callers then read every record through :func:`train_row` (cached by then).
-    ``quiet``: each worker's console shows progress and warnings only, its whole log
-    going to the run folder's ``log.txt`` (the demo's console).
-    ``jobs <= 1`` does nothing: ``train_row`` trains in this process. A run that fails
-    stops the runs not yet started and raises; the finished ones stay cached. The
-    workers end with this process, even when it is killed (:func:`_die_with_parent`).
-
-    Why: a CPU training step does not scale linearly with threads, so on 2 cores two
-    one-thread runs side by side finish more runs per hour than one two-thread run."""
-    if jobs <= 1 or not work:
-        return
-    import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-
-    threads = max(1, cpu_cores() // jobs)
-    tasks = [(row.config, row_opts(row, iters, seed, teacher, extra), run_folder(output, row, iters, seed), output)
-             for row, output, iters, seed, teacher, extra in work]
-    seen, unique = set(), []
-    for t in tasks:  # two rows with one folder (a restated default) train once
-        if t[2] not in seen:
-            seen.add(t[2])
-            unique.append(t)
-    with ProcessPoolExecutor(min(jobs, len(unique)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
-        futures = {pool.submit(_train_in_worker, threads, quiet, *t): t[2] for t in unique}
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in pending:
-            f.cancel()
-        for f in done:
-            if f.exception() is not None:
-                raise RuntimeError(f"training {futures[f]} failed: {f.exception()!r}") from f.exception()
-
-
 def ensure_teacher(setup: Setup, weights: str = "", opts: Sequence[str] = ()) -> str:
     """``weights`` if given, else the quickstart teacher (its config plus ``opts``),
     trained first if needed."""
@@ -341,105 +261,3 @@ def evaluate_teacher(setup: Setup, weights: str, extra: Sequence[str] = ()) -> D
     from .runs import evaluate_cached
 
     return evaluate_cached(setup.teacher_config, EVAL_OPTS + list(extra), weights)
-
-
-# ---------------------------------------------------------------------------
-# statistics and command-line helpers
-# ---------------------------------------------------------------------------
-def mean_sd(values: Sequence[Optional[float]]):
-    """(mean, sample standard deviation) over seeds; sd is 0 for one value; NaN if any is missing."""
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if len(vals) != len(values) or not vals:
-        return float("nan"), float("nan")
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
-def gap_closed(row: float, plain: float, teacher: float) -> float:
-    """(row − plain) / (teacher − plain) in %: the share of the teacher–student gap a
-    distilled student closes; NaN when the teacher is not above the plain student."""
-    gap = teacher - plain
-    return 100.0 * (row - plain) / gap if gap > 0 else float("nan")
-
-
-def fmt(v: Optional[float], signed: bool = False, digits: int = 2) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "nan"
-    return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
-
-
-def json_safe(x):
-    """NaN/inf -> None, so the file is strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    return x
-
-
-def report(path: str, summary, table: str) -> None:
-    """What a lab script ends with: ``summary`` as strict JSON to ``path``, then its
-    markdown ``table`` and where the JSON went on stdout."""
-    write_json(path, summary)
-    print(table)
-    print(f"\nwritten {path}")
-
-
-def write_json(path: str, obj) -> None:
-    import json
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(json_safe(obj), f, indent=1)
-
-
-def add_opts_argument(p: argparse.ArgumentParser, help: str) -> None:
-    p.add_argument("opts", nargs=argparse.REMAINDER, help=help + " (KEY VALUE ..., after -- when they follow a list option)")
-
-
-def add_jobs_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--jobs", type=int, default=1,
-                   help="student runs trained at a time, each in its own process with cores/jobs torch "
-                        "threads (default 1: one at a time in this process; 2 suits a 2-core machine)")
-
-
-def check_opts(p: argparse.ArgumentParser, args) -> None:
-    """Drop a leading ``--`` from ``args.opts``; they must be KEY VALUE pairs."""
-    if args.opts and args.opts[0] == "--":
-        args.opts = args.opts[1:]
-    if len(args.opts) % 2:
-        p.error(f"opts must be KEY VALUE pairs, got {args.opts}")
-
-
-def check_positive(p: argparse.ArgumentParser, flag: str, value) -> None:
-    if value is not None and value <= 0:
-        p.error(f"{flag} must be positive, got {value}")
-
-
-def check_choices(p: argparse.ArgumentParser, flag: str, values: Sequence[str], choices) -> List[str]:
-    """``values`` without repeats (order kept); a usage error names any not in ``choices``."""
-    unknown = [v for v in values if v not in choices]
-    if unknown:
-        p.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
-    return list(dict.fromkeys(values))
-
-
-def check_seeds(p: argparse.ArgumentParser, seeds: Sequence[int]) -> None:
-    if len(set(seeds)) != len(seeds):
-        p.error(f"--seeds: repeated seed in {list(seeds)}")
-    negative = [s for s in seeds if s < 0]
-    if negative:
-        p.error(f"--seeds must be >= 0 (detectron2 draws a random seed for a negative SEED), got {negative}")
-
-
-def check_file(p: argparse.ArgumentParser, flag: str, path: str) -> None:
-    if path and "://" not in path and not os.path.isfile(path):
-        p.error(f"{flag}: no such file {path!r}")
-
-
-def check_repo_root() -> None:
-    """The run cache keys on repository-relative config paths: run from the root."""
-    if not os.path.isfile(os.path.join(QS, os.path.basename(PLAIN_STUDENTS["GeneralizedRCNN"]))):
-        raise SystemExit(f"run from the repository root ({ROOT}), as python -m benchmarks.<script>; "
-                         f"the current folder is {os.getcwd()}")

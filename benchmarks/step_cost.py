@@ -54,7 +54,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import setups as lab
+from . import cli, setups as lab, stats
 
 ROOT = lab.ROOT
 SIZE_KINDS = {"configs/quickstart": "quickstart", "configs/COCO": "coco"}  # folder -> which size option applies
@@ -102,12 +102,12 @@ def parse_args(argv=None):
                    help="SGD learning rate of the measured steps (default 0: same work, models stay fixed)")
     p.add_argument("--dataset", default="shapes_val", help="built-in split the batch comes from (default shapes_val)")
     p.add_argument("--output", default="output/benchmarks/step_cost.json", help="JSON written here")
-    lab.add_opts_argument(p, "extra config opts for every pair, e.g. -- DISTILL.TAR.PROPOSALS both")
+    cli.add_opts_argument(p, "extra config opts for every pair, e.g. -- DISTILL.TAR.PROPOSALS both")
     args = p.parse_args(argv)
-    lab.check_opts(p, args)
-    args.pairs = {x: pairs[x] for x in lab.check_choices(p, "--pairs", args.pairs, list(pairs))}
+    cli.check_opts(p, args)
+    args.pairs = {x: pairs[x] for x in cli.check_choices(p, "--pairs", args.pairs, list(pairs))}
     for flag in ("iters", "memory_iters", "batch"):
-        lab.check_positive(p, "--" + flag.replace("_", "-"), getattr(args, flag))
+        cli.check_positive(p, "--" + flag.replace("_", "-"), getattr(args, flag))
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     for opt in ("quickstart_size", "coco_size"):
@@ -541,7 +541,7 @@ def markdown(summary: Dict) -> str:
 def main(argv=None):
     args = parse_args(argv)
     summary = run(args)
-    lab.report(args.output, summary, markdown(summary))
+    stats.report(args.output, summary, markdown(summary))
     return summary
 
 

@@ -34,7 +34,7 @@ import json
 import os
 from typing import Dict, List
 
-from . import setups as lab
+from . import cli, setups as lab, stats
 from .runs import fingerprint, setup_logging
 
 METRIC = "AP"
@@ -61,14 +61,14 @@ def parse_args(argv=None):
     p.add_argument("--eval-opts", nargs="+", default=[], metavar="KEY_VALUE",
                    help="config opts for a second evaluation of each trained teacher (test-time settings, "
                         "e.g. DATASETS.TEST \"('shapes_tune',)\"); the statistics use its AP")
-    lab.add_opts_argument(p, "extra config opts for every teacher run")
+    cli.add_opts_argument(p, "extra config opts for every teacher run")
     args = p.parse_args(argv)
-    lab.check_opts(p, args)
+    cli.check_opts(p, args)
     if len(args.eval_opts) % 2:
         p.error(f"--eval-opts must be KEY VALUE pairs, got {args.eval_opts}")
-    args.teachers = lab.check_choices(p, "--teachers", args.teachers, list(found))
+    args.teachers = cli.check_choices(p, "--teachers", args.teachers, list(found))
     args.teacher_configs = {t: found[t] for t in args.teachers}
-    lab.check_seeds(p, args.seeds)
+    cli.check_seeds(p, args.seeds)
     return args
 
 
@@ -102,7 +102,7 @@ def train_seed(config_file: str, seed: int, runs: str, opts: List[str], quicksta
 
 
 def run(args) -> Dict:
-    lab.check_repo_root()
+    cli.check_repo_root()
     from .runs import evaluate
 
     summary = {"metric": METRIC, "seeds": list(args.seeds), "opts": list(args.opts),
@@ -120,7 +120,7 @@ def run(args) -> Dict:
                 entry["as_trained"], entry[METRIC] = entry[METRIC], again.get(METRIC, float("nan"))
             per_seed.append(entry)
         values = [s[METRIC] for s in per_seed]
-        mean, sd = lab.mean_sd(values)
+        mean, sd = stats.mean_sd(values)
         summary["teachers"][name] = {
             "config": config_file, "mean": mean, "sd": sd,
             "max_abs_dev": max(abs(v - mean) for v in values), "per_seed": per_seed,
@@ -129,7 +129,7 @@ def run(args) -> Dict:
 
 
 def markdown(summary: Dict) -> str:
-    f = lab.fmt
+    f = stats.fmt
     where = (f"evaluated with {' '.join(summary['eval_opts'])} (as trained: the run's own evaluation)"
              if summary.get("eval_opts") else "on the built-in validation split")
     lines = [
@@ -151,7 +151,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logging()
     summary = run(args)
-    lab.report(args.output, summary, markdown(summary))
+    stats.report(args.output, summary, markdown(summary))
     return summary
 
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import ablation, demo, distill_gain, loss_gradients, profile_step, setups, step_cost, teacher_seeds
+from benchmarks import ablation, demo, distill_gain, loss_gradients, profile_step, setups, stats, step_cost, teacher_seeds
 from d2_distill.engine import setup_cfg
 from helpers import ROOT, SMALL, cfg_for, fake_batch
 
@@ -225,9 +225,9 @@ def test_distill_gain_methods_may_name_single_configs():
 
 
 def test_gap_closed():
-    assert setups.gap_closed(20.0, 10.0, 30.0) == pytest.approx(50.0)
-    assert setups.gap_closed(8.0, 10.0, 30.0) == pytest.approx(-10.0)
-    assert math.isnan(setups.gap_closed(12.0, 10.0, 10.0))  # no gap to close
+    assert stats.gap_closed(20.0, 10.0, 30.0) == pytest.approx(50.0)
+    assert stats.gap_closed(8.0, 10.0, 30.0) == pytest.approx(-10.0)
+    assert math.isnan(stats.gap_closed(12.0, 10.0, 10.0))  # no gap to close
 
 
 @pytest.mark.parametrize(
@@ -493,7 +493,7 @@ def test_ablation_tiny_run(tmp_path, capsys, monkeypatch, retina_teacher_weights
     assert hd["vs_plain"] == pytest.approx(sum(diffs) / 2, nan_ok=True)
     assert hd["better_every_seed"] == all(d > 0 for d in diffs)
     assert hd["gap_closed_pct"] == pytest.approx(
-        setups.gap_closed(hd["AP"], plain["AP"], rows["teacher"]["AP"]), nan_ok=True)
+        stats.gap_closed(hd["AP"], plain["AP"], rows["teacher"]["AP"]), nan_ok=True)
     assert "vs_plain" not in plain
     written = list(out.glob("ablation_*.json"))  # named by config, iterations, seeds and a row/opts tag
     assert len(written) == 1 and re.fullmatch(r"ablation_tbd_retinanet_1it_seeds0-1_[0-9a-f]{8}\.json", written[0].name)
