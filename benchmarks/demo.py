@@ -179,9 +179,24 @@ def figure(rows, histories, path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def drawn(det: dict, min_score: float, iou: float = 0.5):
+    """Indices of the detections the picture shows: score >= ``min_score``, then
+    class-agnostic NMS at ``iou`` (highest score first), so that one object shows
+    the model's best guess instead of every class it considered."""
+    import numpy as np
+    import torch
+    from torchvision.ops import nms
+
+    idx = np.flatnonzero(det["scores"] >= min_score)
+    if idx.size == 0:
+        return idx
+    keep = nms(torch.as_tensor(det["boxes"][idx]).float(), torch.as_tensor(det["scores"][idx]).float(), iou)
+    return idx[keep.numpy()]
+
+
 def detections_figure(models, path: str, min_score: float) -> None:
-    """One row per validation image, one column per model: its detections with
-    score >= ``min_score`` (class and score), next to the ground truth's count."""
+    """One row per validation image: the ground truth, then one column per model with
+    its detections (score >= ``min_score``, class-agnostic NMS: :func:`drawn`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,23 +206,38 @@ def detections_figure(models, path: str, min_score: float) -> None:
 
     dataset = next(iter(models.values()))[0]["dataset"]
     names = MetadataCatalog.get(dataset).thing_classes
-    gt = {d["file_name"]: len(d["annotations"]) for d in DatasetCatalog.get(dataset)}
+    truth = {d["file_name"]: d for d in DatasetCatalog.get(dataset)}
     colours = plt.get_cmap("tab10")
     rows = len(next(iter(models.values())))
-    fig, axes = plt.subplots(rows, len(models), figsize=(3.2 * len(models), 3.2 * rows), squeeze=False)
-    for col, (model, dets) in enumerate(models.items()):
-        for row, det in enumerate(dets):
+    columns = ["ground truth"] + list(models)
+    fig, axes = plt.subplots(rows, len(columns), figsize=(3.2 * len(columns), 3.2 * rows), squeeze=False)
+
+    def box(ax, xyxy, c, label):
+        x0, y0, x1, y1 = xyxy
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, color=colours(c % 10)))
+        ax.text(x0 + 1, y0 + 1, label, fontsize=6, color="white", va="top",
+                bbox={"facecolor": colours(c % 10), "pad": 0.5, "lw": 0})
+
+    for row in range(rows):
+        file_name = next(iter(models.values()))[row]["file_name"]
+        for col, name in enumerate(columns):
             ax = axes[row][col]
-            ax.imshow(read_image(det["file_name"], "RGB"))
+            ax.imshow(read_image(file_name, "RGB"))
             ax.set_xticks([]), ax.set_yticks([])
-            keep = det["scores"] >= min_score
-            for (x0, y0, x1, y1), score, c in zip(det["boxes"][keep], det["scores"][keep], det["classes"][keep]):
-                ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, color=colours(c % 10)))
-                ax.text(x0, y0, f"{names[c]} {score:.2f}", fontsize=6, color="white", va="bottom",
-                        bbox={"facecolor": colours(c % 10), "pad": 0.5, "lw": 0})
+            if name == "ground truth":
+                annos = truth[file_name]["annotations"]
+                for a in annos:  # COCO-style XYWH_ABS
+                    x, y, w, h = a["bbox"]
+                    box(ax, (x, y, x + w, y + h), a["category_id"], names[a["category_id"]])
+                ax.set_xlabel(f"{len(annos)} objects", fontsize=7)
+            else:
+                det = models[name][row]
+                keep = drawn(det, min_score)
+                for i in keep:
+                    box(ax, det["boxes"][i], det["classes"][i], f"{names[det['classes'][i]]} {det['scores'][i]:.2f}")
+                ax.set_xlabel(f"{len(keep)} detections (score ≥ {min_score}, one per place)", fontsize=7)
             if row == 0:
-                ax.set_title(model, fontsize=9)
-            ax.set_xlabel(f"{int(keep.sum())} detections (≥ {min_score}), {gt[det['file_name']]} objects", fontsize=7)
+                ax.set_title(name, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -869,3 +869,15 @@ def test_ablation_variant_rows(capsys, frcnn_teacher_weights):
     assert ablation.table_path(args) != ablation.table_path(other)
     _assert_usage_error(ablation.parse_args, ["--method", "tar", "--variant", "x", "DISTILL.TAR.FEAT_WEIGHT"],
                         "--variant needs a name and KEY VALUE pairs", capsys)
+
+
+def test_demo_draws_one_detection_per_place():
+    """The detections picture: above the score threshold, the best box of each place
+    (class-agnostic NMS), so a lower-scored other class does not cover it."""
+    import numpy as np
+
+    det = {"boxes": np.array([[0, 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60], [0, 0, 10, 10]], dtype=np.float32),
+           "scores": np.array([0.9, 0.5, 0.4, 0.2], dtype=np.float32), "classes": np.array([1, 2, 3, 4])}
+    assert demo.drawn(det, 0.3).tolist() == [0, 2]
+    assert demo.drawn(det, 0.95).tolist() == []
+    assert sorted(demo.drawn(det, 0.1, iou=0.99).tolist()) == [0, 1, 2]  # box 3 duplicates box 0 exactly
