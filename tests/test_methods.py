@@ -1,5 +1,5 @@
-"""What every registered method declares (the contract the config, the demo and
-the benchmarks rely on), and every method and the Distiller built from keyword
+"""What every registered method declares (the contract that the config and the
+lab's method discovery rely on), and every method and the Distiller built from keyword
 arguments, without a distillation YAML file."""
 import inspect
 
