@@ -131,7 +131,8 @@ def _file_sha256(path: str) -> str:
 
 def fingerprint(cfg) -> str:
     """sha256 of what determines a run's result: the merged config (minus the
-    device and the output folder, which do not), the built-in dataset's version
+    device and the output folder, which do not, and for a plain model the DISTILL
+    options other than DISTILL.EVAL, which it never reads), the built-in dataset's version
     and, for a distiller, the teacher checkpoint's bytes and d2_distill's sources."""
     def plain(x):  # CfgNode -> dict, tuple -> list: a dump-independent canonical form
         if isinstance(x, dict):
@@ -140,6 +141,10 @@ def fingerprint(cfg) -> str:
 
     c = plain(cfg)
     c["MODEL"]["DEVICE"], c["OUTPUT_DIR"] = "", ""
+    if c["MODEL"]["META_ARCHITECTURE"] != "Distiller" and "DISTILL" in c:
+        # a plain model's training reads no DISTILL option (only its evaluation reads
+        # DISTILL.EVAL): a new distillation option must not retrain the teachers
+        c["DISTILL"] = {"EVAL": c["DISTILL"].get("EVAL", {})}
     h = hashlib.sha256(json.dumps(c, sort_keys=True).encode())
     h.update(f"shapes dataset {DATASET_VERSION}".encode())
     if c["MODEL"]["META_ARCHITECTURE"] == "Distiller":

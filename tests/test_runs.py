@@ -268,3 +268,14 @@ def test_a_teacher_is_evaluated_once_per_checkpoint_and_setting(tmp_path, monkey
         f.write(b"\0")
     runs.evaluate_cached(config, opts, str(teacher))
     assert len(calls) == 3
+
+
+def test_a_plain_runs_fingerprint_ignores_distillation_options():
+    """A new DISTILL option (or another value of one) cannot retrain a teacher or a plain
+    student, which never read it; DISTILL.EVAL (its evaluation) and any distiller's
+    DISTILL options still count."""
+    plain = qs("faster_rcnn_R18_FPN_student.yaml")
+    base = fingerprint(setup_cfg(plain))
+    assert fingerprint(setup_cfg(plain, ["DISTILL.TAR.TEMPERATURE", "32.0", "DISTILL.LOG_PERIOD", "5"])) == base
+    assert fingerprint(setup_cfg(plain, ["DISTILL.EVAL.HARMONY", "True"])) != base
+    assert fingerprint(setup_cfg(TAR, ["DISTILL.TAR.TEMPERATURE", "31.0"])) != fingerprint(setup_cfg(TAR))
