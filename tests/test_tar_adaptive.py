@@ -94,9 +94,11 @@ def test_tar_bounded_reg_loss_by_hand():
     expected[0, 0] = 1.0 / 3  # the gradient pulls towards the ground truth, not the teacher
     assert torch.allclose(ds.grad, expected)
     # a margin opens row 1 too (0 + 3 > 2), whose own error is 0
-    assert math.isclose(float(tar_bounded_reg_loss(ds, dt, gt, gate, 0.0, margin=3.0)), 1.0 / 3, rel_tol=1e-6)
+    assert math.isclose(float(tar_bounded_reg_loss(ds, dt, gt, gate, 0.0, margin=3.0).detach()), 1.0 / 3, rel_tol=1e-6)
     # smooth L1, beta 1: row 0 error 0.5 * 1 = 0.5 vs teacher 0.125 -> open
-    assert math.isclose(float(tar_bounded_reg_loss(ds, dt, gt, gate, 1.0)), 0.5 / 3, rel_tol=1e-6)
+    assert math.isclose(float(tar_bounded_reg_loss(ds, dt, gt, gate, 1.0).detach()), 0.5 / 3, rel_tol=1e-6)
+    loss2, counted = tar_bounded_reg_loss(ds, dt, gt, gate, 0.0, return_open=True)
+    assert torch.equal(loss2, loss) and counted.tolist() == [True, False, False]
     with pytest.raises(ValueError, match="same shape"):
         tar_bounded_reg_loss(ds, dt, gt[:, :2], gate, 0.0)
 
@@ -222,8 +224,9 @@ def test_bounded_regression_through_the_model(frcnn_teacher_weights):
                           teacher=frcnn_teacher_weights))
     model.train()
     torch.manual_seed(0)
-    with EventStorage(0):
+    with EventStorage(0) as storage:
         bounded = model(fake_batch(2))["loss_tar_reg"]
+        assert 0.0 <= storage.latest()["distill/tar_reg_bound_rate"][0] <= 1.0
     # with a margin larger than any error every RoI is open: the student's whole GT error
     model.method.reg_bound_margin = 1e9
     torch.manual_seed(0)

@@ -144,8 +144,8 @@ def tar_reg_loss(student_deltas: Tensor, teacher_deltas: Tensor, gate: Tensor, b
 
 def tar_bounded_reg_loss(
     student_deltas: Tensor, teacher_deltas: Tensor, gt_deltas: Tensor, gate: Tensor, beta: float,
-    margin: float = 0.0,
-) -> Tensor:
+    margin: float = 0.0, *, return_open: bool = False,
+):
     """Teacher-bounded regression (Chen et al., NeurIPS 2017, in smooth-L1 form).
 
     (R, 4) x 3, (R,) gate -> 0-dim:
@@ -156,7 +156,8 @@ def tar_bounded_reg_loss(
     The student is pulled towards the *ground truth*, never towards the teacher,
     and only on the RoIs where its error exceeds the teacher's (the teacher is
     an upper bound on the error, not a target). Teacher, ground truth and gate
-    are detached; the bound indicator carries no gradient.
+    are detached; the bound indicator carries no gradient. With ``return_open``
+    returns ``(L, open)``, ``open`` the (R,) bool rows that count.
     """
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta!r}")
@@ -169,4 +170,5 @@ def tar_bounded_reg_loss(
     with torch.no_grad():
         err_t = _smooth_l1(teacher_deltas.detach().to(acc) - gt, beta).sum(dim=-1)
         open_ = (err_s.detach() + margin > err_t) & gate.detach().bool()
-    return (err_s * open_.to(acc)).sum() / max(rows, 1)
+    loss = (err_s * open_.to(acc)).sum() / max(rows, 1)
+    return (loss, open_) if return_open else loss

@@ -310,7 +310,9 @@ class TARMethod(DistillMethod):
             share = ds.shape[0] / sampled_rows
             if self.reg_loss == "bounded":
                 dgt = self.student_transform.get_deltas(proposals, gt_boxes)
-                loss = tar_bounded_reg_loss(ds, dt, dgt, gate, self.beta, self.reg_bound_margin)
+                loss, counted = tar_bounded_reg_loss(ds, dt, dgt, gate, self.beta, self.reg_bound_margin,
+                                                     return_open=True)
+                self.put_scalar("tar_reg_bound_rate", lambda: counted.float().mean().nan_to_num(0.0))
             else:
                 loss = tar_reg_loss(ds, dt, gate, self.beta)
             out["loss_tar_reg"] = self.reg_weight * share * loss
