@@ -232,7 +232,7 @@ def test_bounded_regression_through_the_model(frcnn_teacher_weights):
     torch.manual_seed(0)
     with EventStorage(0):
         everything = model(fake_batch(2))
-    assert torch.isfinite(bounded) and 0 <= float(bounded) <= float(everything["loss_tar_reg"])
+    assert torch.isfinite(bounded) and 0 <= float(bounded.detach()) <= float(everything["loss_tar_reg"].detach())
     # ... which is detectron2's own box loss on the foreground RoIs (same normaliser, same beta)
     assert torch.allclose(everything["loss_tar_reg"], everything["loss_box_reg"], rtol=1e-4)
 
