@@ -252,14 +252,17 @@ class TARMethod(DistillMethod):
         t_logits, t_deltas = self.teacher_box_predictions(step, boxes)
         gt_classes = torch.cat([x.gt_classes for x in sampled])
         fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
-        proposals = torch.cat([b.tensor for b in boxes])[fg]
-        gt_boxes = torch.cat(
-            [x.gt_boxes.tensor if x.has("gt_boxes") else x.proposal_boxes.tensor for x in sampled]
-        )[fg]
-        y = gt_classes[fg]
-        t_transform = self.teacher.model.roi_heads.box_predictor.box2box_transform
-        t_boxes = t_transform.apply_deltas(_class_deltas(t_deltas[fg], y), proposals)
-        return _RoIs(sampled, s_logits, s_deltas, t_logits, gt_classes, fg, proposals, gt_boxes, y, t_boxes)
+        rois = _RoIs(sampled, s_logits, s_deltas, t_logits, gt_classes, fg)
+        if self.reg_weight > 0 or (self.feature is not None and self.feat_gate != "none"):
+            # the foreground rows decoded: only for the regression term and the feature gate
+            rois.y = gt_classes[fg]
+            rois.proposals = torch.cat([b.tensor for b in boxes])[fg]
+            rois.gt_boxes = torch.cat(
+                [x.gt_boxes.tensor if x.has("gt_boxes") else x.proposal_boxes.tensor for x in sampled]
+            )[fg]
+            t_transform = self.teacher.model.roi_heads.box_predictor.box2box_transform
+            rois.t_boxes = t_transform.apply_deltas(_class_deltas(t_deltas[fg], rois.y), rois.proposals)
+        return rois
 
     def _object_gates(self, step: DistillStep, rois: "_RoIs") -> List[torch.Tensor]:
         """Per image, the (K,) feature gate of its ground-truth objects (FEAT_GATE)."""
@@ -322,8 +325,9 @@ class TARMethod(DistillMethod):
 
 @dataclass
 class _RoIs:
-    """The student's sampled RoIs with both models' predictions; the ``fg`` rows
-    (foreground) also decoded: proposals, GT boxes and classes, teacher boxes."""
+    """The student's sampled RoIs with both models' predictions; when a term needs
+    them, the ``fg`` rows (foreground) decoded: proposals, GT boxes and classes,
+    teacher boxes (None otherwise)."""
 
     sampled: List[Instances]
     s_logits: torch.Tensor  # (R, K+1), all sampled RoIs
@@ -331,10 +335,10 @@ class _RoIs:
     t_logits: torch.Tensor  # (R, K+1)
     gt_classes: torch.Tensor  # (R,)
     fg: torch.Tensor  # (R,) bool
-    proposals: torch.Tensor  # (F, 4)
-    gt_boxes: torch.Tensor  # (F, 4)
-    y: torch.Tensor  # (F,)
-    t_boxes: torch.Tensor  # (F, 4)
+    proposals: Optional[torch.Tensor] = None  # (F, 4)
+    gt_boxes: Optional[torch.Tensor] = None  # (F, 4)
+    y: Optional[torch.Tensor] = None  # (F,)
+    t_boxes: Optional[torch.Tensor] = None  # (F, 4)
 
 
 def _roi_objects(sampled: List[Instances], gt_instances: List[Instances], num_classes: int) -> torch.Tensor:
