@@ -15,13 +15,19 @@ measures the wall time and peak memory of
       backward + SGD step;
   (b) the teacher alone, as the distiller runs it for every method, without
       grad: its preprocessing and its backbone;
+  (h) the teacher work the method declares it needs beyond the backbone,
+      ``model.method.teacher_heads(step)`` without grad, on a step recorded from
+      one training forward of the same batch (TAR: the teacher's box head on the
+      student's sampled RoIs; TBD: the teacher's dense head on every level;
+      feature methods: nothing);
   (c) a full distillation training step: the Distiller in train mode, forward +
       backward + SGD step over the student and the adapters.
 
-and reports the medians, c / (a + b) (1.0 = distillation costs nothing beyond
-the student step and the teacher's backbone), the time of the method's own
-forward inside c (``model.method.forward``: its losses and whatever teacher
-heads it runs) and its share of c, and peak memory per phase: on CUDA
+and reports the medians, c / (a + b + h) (1.0 = distillation costs nothing
+beyond the work it cannot avoid) beside c / (a + b), where the excess
+c - (a + b + h) goes (``BREAKDOWN``: timers around the teacher's calls, the
+student's forward, the method's forward, and the forward / backward / SGD
+split of a and c), and peak memory per phase: on CUDA
 ``torch.cuda.max_memory_allocated`` (reset per phase), on CPU the peak growth
 of the resident set size during the phase, sampled by a background thread from
 /proc/self/statm. No phase knows which method it measures.
@@ -58,10 +64,11 @@ from . import cli, setups as lab, stats
 
 ROOT = lab.ROOT
 SIZE_KINDS = {"configs/quickstart": "quickstart", "configs/COCO": "coco"}  # folder -> which size option applies
-PHASES = ("a", "b", "c")
+PHASES = ("a", "b", "h", "c")
 PHASE_NAMES = {
     "a": "plain student step",
     "b": "teacher preprocess + backbone (no grad)",
+    "h": "the teacher heads the method needs (method.teacher_heads, no grad)",
     "c": "distillation step",
 }
 
@@ -345,8 +352,81 @@ class CallTimer:
         self.obj.__dict__.pop(self.name, None)
 
 
+class TeacherCalls:
+    """Forward hooks on every module of the teacher: how often each one is called
+    (``counts``, by module name) and the wall time of the outermost teacher calls
+    (``total``: a call inside another teacher call is not counted twice), with
+    CUDA synchronised at each outermost start and end."""
+
+    def __init__(self, teacher, sync: Synchronizer):
+        self.sync = sync
+        self.counts: Dict[str, int] = {}
+        self.total, self.depth, self.t0 = 0.0, 0, 0.0
+        self.handles = []
+        for name, module in teacher.model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(self._enter(name or "<model>")))
+            self.handles.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, name: str):
+        def hook(_module, _inputs):
+            self.counts[name] = self.counts.get(name, 0) + 1
+            if self.depth == 0:
+                self.sync()
+                self.t0 = time.perf_counter()
+            self.depth += 1
+        return hook
+
+    def _leave(self, _module, _inputs, _output):
+        self.depth -= 1
+        if self.depth == 0:
+            self.sync()
+            self.total += time.perf_counter() - self.t0
+
+    def reset(self) -> None:
+        self.counts, self.total = {}, 0.0
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def recorded_step(model, batch):
+    """A DistillStep of one training forward of ``model`` (a Distiller with its
+    teacher) on ``batch``, as its method saw it (records included): the input of
+    the h phase, ``model.method.teacher_heads(step)``."""
+    seen = []
+    method = model.method
+    original = method.forward
+
+    def keep(step):
+        seen.append(step)
+        return original(step)
+
+    method.__dict__["forward"] = keep  # an instance attribute shadows the class method
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        method.__dict__.pop("forward", None)
+    if not seen:
+        raise RuntimeError(f"{type(model.method).__name__} did not run in a training step (it needs no teacher)")
+    return seen[0]
+
+
 def _num_params(params) -> int:
     return sum(p.numel() for p in params)
+
+
+# what c - (a + b + h) is made of: (name, description)
+BREAKDOWN = (
+    ("teacher_backbone_extra", "teacher preprocess + backbone in c, minus b"),
+    ("teacher_heads_extra", "teacher heads in c, minus h"),
+    ("recording", "student forward in c (recording hooks on), minus a's forward"),
+    ("method_losses", "the method's own forward work (targets, masks, losses), teacher heads excluded"),
+    ("distiller", "the distiller's glue (GT to device, step assembly, schedule, diagnostics)"),
+    ("backward_extra", "backward in c minus backward in a (distillation losses through student and adapters)"),
+    ("optimizer_extra", "SGD step in c minus in a (the adapters' parameters)"),
+)
 
 
 def measure_pair(name: str, args, storage, memory) -> Dict:
@@ -362,6 +442,8 @@ def measure_pair(name: str, args, storage, memory) -> Dict:
     model.train()
     student, teacher, method = model.student, model.teacher, model.method
     sync = Synchronizer(device)
+    storage.iter = 0
+    step = recorded_step(model, batch)  # h's input: the same batch, the student's records
 
     student_params = [p for p in student.parameters() if p.requires_grad]
     all_params = [p for p in model.parameters() if p.requires_grad]  # student + adapters; never the teacher
@@ -370,35 +452,48 @@ def measure_pair(name: str, args, storage, memory) -> Dict:
 
     timers = {
         "method_forward": CallTimer(method, "forward", sync),
+        "method_before_student": CallTimer(method, "before_student", sync),
         "teacher_preprocess": CallTimer(teacher, "preprocess", sync),
         "teacher_backbone": CallTimer(teacher, "backbone", sync),
+        "student_forward": CallTimer(student, "forward", sync),
     }
+    calls = TeacherCalls(teacher, sync)
+    split: Dict[str, float] = {}  # forward / backward / optimizer of the current a or c step
 
-    def step_a():
-        opt_a.zero_grad(set_to_none=True)
-        losses = student(batch)
+    def train_step(forward, opt):
+        opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        losses = forward(batch)
+        sync()
+        t1 = time.perf_counter()
         sum(losses.values()).backward()
-        opt_a.step()
+        sync()
+        t2 = time.perf_counter()
+        opt.step()
+        sync()
+        split.update(forward=t1 - t0, backward=t2 - t1, optimizer=time.perf_counter() - t2)
 
     def step_b():
         with torch.no_grad():
             teacher.backbone(teacher.preprocess(batch, model.input_format, model.size_divisibility))
 
-    def step_c():
-        opt_c.zero_grad(set_to_none=True)
-        losses = model(batch)
-        sum(losses.values()).backward()
-        opt_c.step()
+    def step_h():
+        with torch.no_grad():
+            method.teacher_heads(step)
 
-    steps = {"a": step_a, "b": step_b, "c": step_c}
+    steps = {"a": lambda: train_step(student, opt_a), "b": step_b, "h": step_h, "c": lambda: train_step(model, opt_c)}
     times: Dict[str, List[float]] = {k: [] for k in PHASES}
     mem: Dict[str, List[Dict[str, float]]] = {k: [] for k in PHASES}
-    in_c = {"method_forward": [], "teacher": []}
+    parts: Dict[str, List[float]] = {}  # per timed iteration: a's and c's parts
+
+    def keep(key: str, value: float) -> None:
+        parts.setdefault(key, []).append(value)
 
     def run_phase(k: str, mode: str) -> None:
         """mode: 'warmup' (nothing kept), 'time' (wall time) or 'memory' (peak memory)."""
         for t in timers.values():
             t.reset()
+        calls.reset()
         gc.collect()
         if mode == "memory":
             memory.begin()
@@ -411,15 +506,29 @@ def measure_pair(name: str, args, storage, memory) -> Dict:
             mem[k].append(memory.end())
         opt_a.zero_grad(set_to_none=True)
         opt_c.zero_grad(set_to_none=True)
-        if mode == "time":
-            times[k].append(dt)
-            if k == "c":
-                in_c["method_forward"].append(timers["method_forward"].total)
-                in_c["teacher"].append(sum(timers[x].total for x in ("teacher_preprocess", "teacher_backbone")))
+        if mode != "time":
+            return
+        times[k].append(dt)
+        tm = {x: t.total for x, t in timers.items()}
+        if k == "a":
+            for x in ("forward", "backward", "optimizer"):
+                keep(f"a_{x}", split[x])
+        if k == "c":
+            for x in ("forward", "backward", "optimizer"):
+                keep(f"c_{x}", split[x])
+            t_backbone = tm["teacher_preprocess"] + tm["teacher_backbone"]
+            # teacher module time outside the backbone = the heads (preprocess is no module call)
+            t_heads = calls.total - tm["teacher_backbone"]
+            keep("c_teacher_backbone", t_backbone)
+            keep("c_teacher_heads", t_heads)
+            keep("c_student_forward", tm["student_forward"])
+            keep("c_method", tm["method_forward"] + tm["method_before_student"] - t_heads)
+            keep("c_distiller", split["forward"] - t_backbone - tm["student_forward"]
+                 - tm["method_forward"] - tm["method_before_student"])
+            keep("method_forward_in_c", tm["method_forward"])
 
     rounds = ["warmup"] * args.warmup + ["time"] * args.iters + ["memory"] * args.memory_iters
     try:
-        storage.iter = 0
         # priming, not measured: both optimizers create their momentum buffers
         run_phase("c", "warmup")
         run_phase("a", "warmup")
@@ -430,8 +539,21 @@ def measure_pair(name: str, args, storage, memory) -> Dict:
     finally:
         for t in timers.values():
             t.remove()
+        calls.remove()
 
     med = {k: statistics.median(v) for k, v in times.items()}
+    pm = {k: statistics.median(v) for k, v in parts.items()}
+    floor = med["a"] + med["b"] + med["h"]
+    breakdown = {
+        "teacher_backbone_extra": pm["c_teacher_backbone"] - med["b"],
+        "teacher_heads_extra": pm["c_teacher_heads"] - med["h"],
+        "recording": pm["c_student_forward"] - pm["a_forward"],
+        "method_losses": pm["c_method"],
+        "distiller": pm["c_distiller"],
+        "backward_extra": pm["c_backward"] - pm["a_backward"],
+        "optimizer_extra": pm["c_optimizer"] - pm["a_optimizer"],
+    }
+    peak = {k: max(x["peak_growth_mb"] for x in v) for k, v in mem.items()}
     result = {
         "config": config,
         "teacher_config": cfg.DISTILL.TEACHER.CONFIG_FILE,
@@ -444,16 +566,22 @@ def measure_pair(name: str, args, storage, memory) -> Dict:
         "frozen_bn_layers_calibrated": calibrated,
         "a_student_step_s": med["a"],
         "b_teacher_forward_s": med["b"],
+        "h_teacher_heads_s": med["h"],
         "c_distill_step_s": med["c"],
         "ratio_c_over_a_plus_b": med["c"] / (med["a"] + med["b"]),
-        "method_forward_in_c_s": statistics.median(in_c["method_forward"]),
-        "method_share_of_c": sum(in_c["method_forward"]) / sum(times["c"]),
-        "teacher_backbone_in_c_s": statistics.median(in_c["teacher"]),
+        "ratio_c_over_floor": med["c"] / floor,
+        "excess_s": med["c"] - floor,
+        "breakdown_s": breakdown,
+        "parts_s": pm,
+        "method_forward_in_c_s": pm["method_forward_in_c"],
+        "method_share_of_c": sum(parts["method_forward_in_c"]) / sum(times["c"]),
+        "teacher_backbone_in_c_s": pm["c_teacher_backbone"],
         "times_s": times,
+        "memory_ratio_c_over_floor": peak["c"] / max(peak["a"] + peak["b"] + peak["h"], 1e-9),
         "memory": {
             k: {
                 "peak_mb": max(x["peak_mb"] for x in v),
-                "peak_growth_mb": max(x["peak_growth_mb"] for x in v),
+                "peak_growth_mb": peak[k],
                 "per_iter": v,
             }
             for k, v in mem.items()
@@ -518,23 +646,32 @@ def markdown(summary: Dict) -> str:
         f"batch {summary['settings']['batch']}",
         f"memory: {summary['memory_measure']}",
         "",
-        "| pair | input | a: student step s | b: teacher fwd s | c: distill step s | c/(a+b) "
-        "| method forward in c | peak growth a / b / c MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| pair | input | a: student step s | b: teacher fwd s | h: teacher heads s | c: distill step s "
+        "| c/(a+b) | c/(a+b+h) | peak growth a / b / h / c MB | c/(a+b+h) memory |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in summary["pairs"].items():
-        m = r["memory"]
+        growth = " / ".join(f"{r['memory'][k]['peak_growth_mb']:.0f}" for k in PHASES)
         lines.append(
             f"| {name} | {r['input_size']} | {r['a_student_step_s']:.4f} | {r['b_teacher_forward_s']:.4f} "
-            f"| {r['c_distill_step_s']:.4f} | {r['ratio_c_over_a_plus_b']:.2f} | {r['method_forward_in_c_s']:.4f} s ({100 * r['method_share_of_c']:.1f} %) "
-            f"| {m['a']['peak_growth_mb']:.0f} / {m['b']['peak_growth_mb']:.0f} / {m['c']['peak_growth_mb']:.0f} |"
+            f"| {r['h_teacher_heads_s']:.4f} | {r['c_distill_step_s']:.4f} | {r['ratio_c_over_a_plus_b']:.2f} "
+            f"| {r['ratio_c_over_floor']:.3f} "
+            f"| {growth} "
+            f"| {r['memory_ratio_c_over_floor']:.2f} |"
         )
     lines += [
         "",
-        "c/(a+b): 1.00 = a distillation step costs no more than a student step and the teacher's backbone.",
-        "method forward in c: time in model.method.forward (its losses and the teacher heads it runs), and its",
-        "share of step c (the distillation losses' backward is not in it).",
+        "Where c - (a+b+h) goes, s per step (medians of each part, so the parts add up to the excess only roughly):",
+        "",
+        "| pair | c - (a+b+h) | " + " | ".join(k for k, _ in BREAKDOWN) + " |",
+        "|---|---|" + "---|" * len(BREAKDOWN),
     ]
+    for name, r in summary["pairs"].items():
+        lines.append(f"| {name} | {r['excess_s']:+.4f} | "
+                     + " | ".join(f"{r['breakdown_s'][k]:+.4f}" for k, _ in BREAKDOWN) + " |")
+    lines += ["", "c/(a+b+h): 1.00 = a distillation step costs no more than a student step, the teacher's",
+              "backbone and the teacher heads the method declares (method.teacher_heads)."]
+    lines += [f"{k}: {d}" for k, d in BREAKDOWN]
     return "\n".join(lines)
 
 

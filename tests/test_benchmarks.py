@@ -120,19 +120,67 @@ def test_step_cost_tiny_run(tmp_path, capsys, pair):
     r = summary["pairs"][pair]
     assert r["input_size"] == 128 and r["batch"] == 1 and r["method"] == pair[:3].upper()
     assert r["frozen_bn_layers_calibrated"] == {"student": 0, "teacher": 0}  # GroupNorm quickstart models
-    for key in ("a_student_step_s", "b_teacher_forward_s", "c_distill_step_s", "ratio_c_over_a_plus_b"):
+    for key in ("a_student_step_s", "b_teacher_forward_s", "h_teacher_heads_s", "c_distill_step_s",
+                "ratio_c_over_a_plus_b", "ratio_c_over_floor", "memory_ratio_c_over_floor"):
         assert r[key] > 0, key
+    assert r["ratio_c_over_floor"] == pytest.approx(
+        r["c_distill_step_s"] / (r["a_student_step_s"] + r["b_teacher_forward_s"] + r["h_teacher_heads_s"]))
+    assert set(r["breakdown_s"]) == {k for k, _ in step_cost.BREAKDOWN}
+    assert r["parts_s"]["c_teacher_heads"] > 0  # both methods run teacher heads in the step
     assert 0 < r["method_share_of_c"] < 1 and 0 < r["method_forward_in_c_s"] < r["c_distill_step_s"]
     assert 0 < r["teacher_backbone_in_c_s"] < r["c_distill_step_s"]
-    assert all(len(r["times_s"][k]) == 2 for k in "abc")
-    for k in "abc":
+    assert all(len(r["times_s"][k]) == 2 for k in "abhc")
+    for k in "abhc":
         assert r["memory"][k]["peak_mb"] > 0 and r["memory"][k]["peak_growth_mb"] >= 0
     assert r["ratio_c_over_a_plus_b"] == pytest.approx(
         r["c_distill_step_s"] / (r["a_student_step_s"] + r["b_teacher_forward_s"])
     )
     printed = capsys.readouterr().out
     assert f"| {pair} | 128 |" in printed and f"{r['ratio_c_over_a_plus_b']:.2f}" in printed
-    assert "c/(a+b)" in printed
+    assert "c/(a+b)" in printed and f"{r['ratio_c_over_floor']:.3f}" in printed
+
+
+@pytest.mark.parametrize("config, opts", [
+    ("tar_faster_rcnn", []),
+    ("tar_faster_rcnn_paper", ["DISTILL.TAR.PROPOSALS", "both"]),
+    ("tar_faster_rcnn_paper", ["DISTILL.TAR.CLS_WEIGHT", "0.0", "DISTILL.TAR.REG_WEIGHT", "0.0"]),
+    ("tbd_retinanet", []),
+    ("pkd_faster_rcnn", []),
+])
+def test_h_phase_is_the_teacher_work_of_a_training_step(tmp_path, config, opts):
+    """Teacher module calls (forward hooks on every teacher module) of one training
+    forward equal those of phase b (preprocess + backbone) plus phase h
+    (method.teacher_heads on a recorded step): the floor cannot silently shrink."""
+    from collections import Counter
+
+    from detectron2.utils.events import EventStorage
+
+    _, model, batch, _ = step_cost.build_distiller(
+        f"configs/quickstart/{config}.yaml", "cpu", opts, str(tmp_path), "shapes_mini_val", 128, 1)
+    model.train()
+    calls = step_cost.TeacherCalls(model.teacher, step_cost.Synchronizer(torch.device("cpu")))
+    with EventStorage(0):
+        model(batch)
+        in_step = Counter(calls.counts)
+        step = step_cost.recorded_step(model, batch)
+        calls.reset()
+        with torch.no_grad():
+            model.teacher.backbone(model.teacher.preprocess(batch, model.input_format, model.size_divisibility))
+        in_b = Counter(calls.counts)
+        calls.reset()
+        with torch.no_grad():
+            model.method.teacher_heads(step)
+        in_h = Counter(calls.counts)
+    calls.remove()
+    assert in_b and in_step == in_b + in_h
+    heads = {k.split(".")[0] for k in in_h}
+    expected = {
+        "tar_faster_rcnn": {"roi_heads"},
+        "tar_faster_rcnn_paper": {"roi_heads", "proposal_generator"} if "both" in opts else set(),
+        "tbd_retinanet": {"head", "anchor_generator"},
+        "pkd_faster_rcnn": set(),
+    }[config]
+    assert heads == expected
 
 
 # ---- profile_step -------------------------------------------------------------------

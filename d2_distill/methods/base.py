@@ -16,6 +16,12 @@ A method is a small ``nn.Module``, registered with
 * ``check_configs(student_cfg, teacher_cfg)``: whether it can serve a pair,
   from the two configs alone (runs before any weights are loaded).
 
+The teacher's backbone runs in the distiller, for every method. Whatever else a
+method runs on the teacher (heads on shared RoIs, dense heads, proposals) it
+declares in one place, :meth:`DistillMethod.teacher_heads`, and its training
+step runs exactly that: it is the part of a distillation step's floor that the
+method needs (``benchmarks.step_cost`` measures it as phase h).
+
 Its options are keyword arguments (``@configurable``): the lower-case names of
 its config keys, so ``TARMethod(student=..., teacher=..., feat_weight=1.0)`` and
 ``TARMethod(cfg, student=..., teacher=...)`` build the same method. It records
@@ -172,6 +178,13 @@ class DistillMethod(nn.Module):
 
     def before_student(self, step: DistillStep) -> None:
         """Runs after the teacher's backbone and before the student's forward."""
+
+    def teacher_heads(self, step: DistillStep) -> Dict[str, Any]:
+        """All the teacher work beyond its backbone that the method's training step
+        runs (without grad), from a step whose student forward has run (its
+        ``records``): the same calls, once, that ``before_student`` and ``forward``
+        make. The default: none (feature methods use the backbone only)."""
+        return {}
 
     @property
     def needs_teacher(self) -> bool:

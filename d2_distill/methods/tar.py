@@ -207,13 +207,19 @@ class TARMethod(DistillMethod):
             recorder.record_output("box_predictions", "roi_heads.box_predictor")
 
     # ---- proposal sharing ---------------------------------------------------
+    @property
+    def shares_teacher_proposals(self) -> bool:
+        return self.needs_rois and self.proposals == "both"
+
     def before_student(self, step: DistillStep) -> None:
-        if not (self.needs_rois and self.proposals == "both"):
-            return
-        teacher = self.teacher.model
+        if self.shares_teacher_proposals:
+            self._teacher_proposals = self.teacher_proposals(step)
+
+    def teacher_proposals(self, step: DistillStep) -> List[Instances]:
+        """The teacher RPN's top TEACHER_PROPOSALS_TOPK proposals per image."""
         with torch.no_grad():
-            props, _ = teacher.proposal_generator(step.teacher_images, step.teacher_features, None)
-        self._teacher_proposals = [p[: self.teacher_topk] for p in props]
+            props, _ = self.teacher.model.proposal_generator(step.teacher_images, step.teacher_features, None)
+        return [p[: self.teacher_topk] for p in props]
 
     def _add_teacher_proposals(self, args, kwargs):
         proposals, targets = args[0], args[1]
@@ -235,6 +241,17 @@ class TARMethod(DistillMethod):
         if self.heads_on:
             losses.update(self._head_losses(rois))
         return losses
+
+    def teacher_heads(self, step: DistillStep) -> Dict[str, object]:
+        """The teacher's RPN (PROPOSALS "both") and its box head on the student's
+        sampled RoIs (whenever a term needs the RoIs)."""
+        out: Dict[str, object] = {}
+        if self.shares_teacher_proposals:
+            out["proposals"] = self.teacher_proposals(step)
+        if self.needs_rois:
+            out["box_predictions"] = self.teacher_box_predictions(
+                step, [x.proposal_boxes for x in step.records["sampled"]])
+        return out
 
     def teacher_box_predictions(self, step: DistillStep, boxes: List[Boxes]):
         """The teacher's (logits, deltas) for the given RoIs, on the teacher's features."""

@@ -131,6 +131,10 @@ class TBDMethod(DistillMethod):
         recorder.record_output("anchors", "anchor_generator")
         recorder.record_return("labels", "", "label_anchors")
 
+    def teacher_heads(self, step: DistillStep) -> Dict[str, object]:
+        """The teacher's dense head and anchors on every level."""
+        return {"dense": self.teacher_dense(step, step.records["features"])}
+
     def teacher_dense(self, step: DistillStep, student_feats: Dict[str, torch.Tensor]):
         """The teacher's per-level (logits, deltas) and anchors, on its features cropped to the student's."""
         t = self.teacher.model
@@ -146,7 +150,7 @@ class TBDMethod(DistillMethod):
     def forward(self, step: DistillStep) -> Dict[str, torch.Tensor]:
         r = step.records
         s_logits_l, s_deltas_l = r["head"]
-        t_logits_l, t_deltas_l, t_anchors = self.teacher_dense(step, r["features"])
+        t_logits_l, t_deltas_l, t_anchors = self.teacher_heads(step)["dense"]
         K = self.num_classes
         s_logits, t_logits = _flatten(s_logits_l, K), _flatten(t_logits_l, K)  # (N, R, K)
         s_deltas, t_deltas = _flatten(s_deltas_l, 4), _flatten(t_deltas_l, 4)  # (N, R, 4)
