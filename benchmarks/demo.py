@@ -14,6 +14,13 @@ figures: AP bars with the students' detection-loss curves, and the three models'
 detections on the same validation images. Runs are cached in ``--output``:
 a finished run is reused, not retrained.
 
+The demo's regime is fixed so that a rerun anywhere on the same CPU type prints
+the same numbers: students of ``--iters`` 800 (a third of the recommended TAR
+schedule, half of TBD's; the tables in RESULTS.md use each config's own), the
+teacher trained with ``--threads`` 2 torch threads, the two students side by side
+(``--jobs`` 2) with half of them each. bfloat16 results depend on the thread
+count, which is why it is pinned rather than taken from the machine.
+
 ``--precision auto`` (the default) trains in bfloat16 autocast
 (``SOLVER.AMP.ENABLED``, :mod:`d2_distill.engine.amp`) on a CPU with native
 bfloat16 arithmetic (AVX512-BF16 or AMX), in float32 elsewhere. bfloat16 runs
@@ -27,6 +34,9 @@ import time
 from . import cli, parallel, setups as lab, stats
 from .runs import console_and_log
 
+DEMO_ITERS = 800  # student iterations: a first run (teacher included) within 30 min on 2 cores
+DEMO_THREADS = 2  # torch threads, pinned: bfloat16 results depend on the thread count
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,8 +45,12 @@ def parse_args(argv=None):
                    help="a registered method with a quickstart config (default tar; any case)")
     p.add_argument("--config", default="",
                    help="which of the method's quickstart configs (file stem or path; default: the first)")
-    p.add_argument("--iters", type=int, default=None,
-                   help="student schedule (SOLVER.MAX_ITER); default: the plain student config's own")
+    p.add_argument("--iters", type=int, default=DEMO_ITERS,
+                   help=f"student schedule (SOLVER.MAX_ITER; default {DEMO_ITERS}, the demo's: the configs' own "
+                        "schedules are longer)")
+    p.add_argument("--threads", type=int, default=DEMO_THREADS,
+                   help=f"torch threads of the teacher's training; each of the --jobs students side by side gets "
+                        f"threads/jobs (default {DEMO_THREADS}: pinned, since bfloat16 results depend on it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="",
                    help="run cache and figure folder (default output/runs; output/runs_bf16 in bfloat16)")
@@ -54,6 +68,7 @@ def parse_args(argv=None):
                    help="show detectron2's whole log on the console (default: stages, progress with ETAs, "
                         "results and warnings; the whole log is always in <output>/demo_<setup>.log)")
     cli.add_jobs_argument(p)
+    p.set_defaults(jobs=2)
     cli.add_opts_argument(p, "extra config opts for the student runs and the teacher's evaluation")
     args = p.parse_args(argv)
     cli.check_opts(p, args)
@@ -62,12 +77,11 @@ def parse_args(argv=None):
     cli.check_positive(p, "--show-images", args.show_images)
     cli.check_positive(p, "--iters", args.iters)
     cli.check_positive(p, "--jobs", args.jobs)
+    cli.check_positive(p, "--threads", args.threads)
     try:
         args.setup = lab.find_setup(found, args.method, args.config)
     except KeyError as e:
         p.error(f"--config: {e.args[0]}")
-    if args.iters is None:
-        args.iters = lab.default_iters(args.setup)
     args.precision = resolve_precision(args.precision)
     if not args.output:
         args.output = "output/runs_bf16" if args.precision == "bfloat16" else "output/runs"
@@ -260,18 +274,30 @@ def main(argv=None):
 
 
 def run(args, say):
+    """The demo with this process's torch threads pinned to ``--threads`` meanwhile."""
+    import torch
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, say)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, say):
     setup, iters, extra = args.setup, args.iters, list(args.opts)
     if args.precision == "bfloat16":
         extra = ["SOLVER.AMP.ENABLED", "True", *extra]
     name = setup.method
     start = time.perf_counter()
-    say(f"[demo] 1/4 teacher ({setup.teacher_config}, {args.precision})")
+    say(f"[demo] 1/4 teacher ({setup.teacher_config}, {args.precision}, {args.threads} threads)")
     teacher = lab.ensure_teacher(setup, args.teacher_weights, teacher_opts(setup, args.precision))
     plain_row, full_row = lab.plain_row(setup), lab.full_row(setup)
     if args.jobs > 1:
         say(f"[demo] 2-3/4 plain and {name} students side by side ({iters} iterations, --jobs {args.jobs})")
         parallel.train_parallel([(row, args.output, iters, args.seed, teacher, extra) for row in (plain_row, full_row)],
-                           args.jobs, quiet=not args.verbose)
+                                args.jobs, quiet=not args.verbose, threads=max(1, args.threads // args.jobs))
     say(f"[demo] 2/4 plain student ({setup.plain_config}, {iters} iterations)")
     plain = lab.train_row(plain_row, args.output, iters, args.seed, teacher, extra)
     say(f"[demo]     plain student: {plain['metrics']['AP']:.2f} AP ({plain['run']})")

@@ -53,10 +53,10 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def train_parallel(work: Sequence[tuple], jobs: int, quiet: bool = False) -> None:
+def train_parallel(work: Sequence[tuple], jobs: int, quiet: bool = False, threads: int = 0) -> None:
     """Train the runs of ``work`` (``(row, output, iters, seed, teacher, extra)``, the
     arguments of :func:`train_row`) ``jobs`` at a time, each in its own process with
-    ``cores // jobs`` torch threads; finished runs are reused there as everywhere.
+    ``threads`` torch threads (0: ``cores // jobs``); finished runs are reused there as everywhere.
     The callers then read every record through :func:`train_row` (cached by then).
     ``quiet``: each worker's console shows progress and warnings only, its whole log
     going to the run folder's ``log.txt`` (the demo's console).
@@ -71,7 +71,7 @@ def train_parallel(work: Sequence[tuple], jobs: int, quiet: bool = False) -> Non
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
-    threads = max(1, cpu_cores() // jobs)
+    threads = threads or max(1, cpu_cores() // jobs)
     tasks = [(row.config, row_opts(row, iters, seed, teacher, extra), run_folder(output, row, iters, seed), output)
              for row, output, iters, seed, teacher, extra in work]
     seen, unique = set(), []

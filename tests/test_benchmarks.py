@@ -345,12 +345,14 @@ def test_distill_gain_tiny_run(tmp_path, capsys, monkeypatch, request, frcnn_tea
 
 # ---- demo and ablation -----------------------------------------------------------
 def test_default_schedule_is_the_student_configs():
-    """--iters defaults to the plain student config's SOLVER.MAX_ITER, so the configs
-    are the one place the quickstart schedule is set."""
+    """The lab's --iters defaults to the plain student config's SOLVER.MAX_ITER, so the
+    configs are the one place the quickstart schedule is set; the demo has its own,
+    shorter regime with pinned threads (students side by side)."""
     for method, found in setups.discover_setups().items():
         iters = setup_cfg(os.path.join(ROOT, found[0].plain_config)).SOLVER.MAX_ITER
-        assert demo.parse_args(["--method", method]).iters == iters
         assert ablation.parse_args(["--method", method]).iters == iters
+        a = demo.parse_args(["--method", method])
+        assert (a.iters, a.threads, a.jobs) == (demo.DEMO_ITERS, demo.DEMO_THREADS, 2) and a.iters < iters
     assert demo.parse_args(["--iters", "7"]).iters == 7
 
 
@@ -374,6 +376,7 @@ def test_demo_accepts_any_discovered_method_in_any_case():
         (["--show-images", "0"], "--show-images must be positive"),
         (["SOLVER.MAX_ITER"], "KEY VALUE"),
         (["--precision", "fp16"], "invalid choice"),
+        (["--threads", "0"], "--threads must be positive"),
     ],
 )
 def test_demo_bad_args(capsys, argv, message):
