@@ -254,3 +254,28 @@ def test_log_period_sets_how_often_methods_log(frcnn_teacher_weights, period, lo
         with EventStorage(it) as storage:
             model(fake_batch(2))
             assert ("distill/tar_cls_gate_rate" in storage.latest()) == expected, it
+
+
+def test_gaussian_masks_of_a_batch_equal_each_image_to_the_bit():
+    """The batched masks (images padded to the largest object count) are the
+    one-image masks exactly, with and without per-object weights, images without
+    objects included."""
+    from d2_distill.losses import gaussian_masks
+
+    g = torch.Generator().manual_seed(0)
+
+    def boxes(k):
+        xy = torch.rand(k, 2, generator=g) * 100
+        return torch.cat([xy, xy + 4 + torch.rand(k, 2, generator=g) * 60], dim=1)
+
+    per_image = [boxes(3), boxes(0), boxes(5), boxes(1)]
+    weights = [torch.rand(len(b), generator=g) for b in per_image]
+    for h, w, stride in ((32, 40, 4), (4, 5, 32), (1, 1, 128)):
+        batch = gaussian_masks(per_image, h, w, stride, 0.25)
+        gated = gaussian_masks(per_image, h, w, stride, 0.25, weights=weights)
+        assert batch.shape == gated.shape == (4, h, w)
+        for i, (b, wt) in enumerate(zip(per_image, weights)):
+            assert torch.equal(batch[i], gaussian_mask(b, h, w, stride, 0.25))
+            assert torch.equal(gated[i], gaussian_mask(b, h, w, stride, 0.25, weights=wt))
+        assert not batch[1].any() and batch[0].max() > 0
+    assert gaussian_masks([boxes(0), boxes(0)], 3, 3, 4).shape == (2, 3, 3)

@@ -7,7 +7,7 @@ the shared ones (no detectron2 state; batch first; shapes in the docstrings):
 
 Everything is re-exported here: ``from d2_distill.losses import tar_cls_loss``.
 """
-from .common import feature_imitation_loss, gaussian_mask, giou_loss_rowwise, masked_standardize, rowwise_iou
+from .common import feature_imitation_loss, gaussian_mask, gaussian_masks, giou_loss_rowwise, masked_standardize, rowwise_iou
 from .pkd import pkd_loss
 from .schedule import SCHEDULE_KINDS, DistillSchedule, schedule_factor
 from .tar import tar_bounded_reg_loss, tar_cls_gate, tar_cls_loss, tar_object_gate, tar_reg_gate, tar_reg_loss
@@ -18,6 +18,7 @@ __all__ = [
     "DistillSchedule",
     "schedule_factor",
     "gaussian_mask",
+    "gaussian_masks",
     "feature_imitation_loss",
     "masked_standardize",
     "rowwise_iou",

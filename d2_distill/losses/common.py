@@ -24,8 +24,9 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
-__all__ = ["gaussian_mask", "feature_imitation_loss", "masked_standardize", "rowwise_iou", "giou_loss_rowwise"]
+__all__ = ["gaussian_mask", "gaussian_masks", "feature_imitation_loss", "masked_standardize", "rowwise_iou", "giou_loss_rowwise"]
 
 
 def _acc_dtype(*tensors: Tensor) -> torch.dtype:
@@ -141,28 +142,48 @@ def gaussian_mask(
         ``weights`` (K,) in [0, 1], optional: ``M = max_k w_k * G_k`` instead
         (a per-object gate: w_k = 0 removes box k's Gaussian).
     """
-    height, width = int(height), int(width)
-    device = boxes.device
-    b = boxes.detach().reshape(-1, 4).to(torch.float32)
-    if b.shape[0] == 0 or height <= 0 or width <= 0:
-        return torch.zeros(max(height, 0), max(width, 0), dtype=torch.float32, device=device)
+    if weights is not None and weights.reshape(-1).shape[0] != boxes.reshape(-1, 4).shape[0]:
+        raise ValueError(f"weights must have shape ({boxes.reshape(-1, 4).shape[0]},), got {tuple(weights.shape)}")
+    return gaussian_masks([boxes], height, width, stride, sigma_ratio,
+                          weights=None if weights is None else [weights])[0]
 
-    cx = (b[:, 0] + b[:, 2]) * 0.5
-    cy = (b[:, 1] + b[:, 3]) * 0.5
-    sx = ((b[:, 2] - b[:, 0]).clamp(min=0) * sigma_ratio).clamp(min=1.0)
-    sy = ((b[:, 3] - b[:, 1]).clamp(min=0) * sigma_ratio).clamp(min=1.0)
+
+def gaussian_masks(
+    boxes: Sequence[Tensor], height: int, width: int, stride: int, sigma_ratio: float = 0.25,
+    *, weights: Optional[Sequence[Tensor]] = None,
+) -> Tensor:
+    """:func:`gaussian_mask` of N images at once: ``boxes`` per image (K_n, 4),
+    ``weights`` per image (K_n,) or None -> (N, H, W), image n's mask equal to
+    ``gaussian_mask(boxes[n], ..., weights=weights[n])`` to the last bit (the
+    boxes are padded to the largest K with entries that never win the max)."""
+    height, width = int(height), int(width)
+    n = len(boxes)
+    device = boxes[0].device if n else torch.device("cpu")
+    counts = [int(b.reshape(-1, 4).shape[0]) for b in boxes]
+    k = max(counts, default=0)
+    if k == 0 or height <= 0 or width <= 0:
+        return torch.zeros(n, max(height, 0), max(width, 0), dtype=torch.float32, device=device)
+    b = pad_sequence([x.detach().reshape(-1, 4).to(device=device, dtype=torch.float32) for x in boxes],
+                     batch_first=True)  # (N, K, 4)
+    valid = torch.arange(k, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]  # (N, K)
+
+    cx = (b[..., 0] + b[..., 2]) * 0.5  # (N, K)
+    cy = (b[..., 1] + b[..., 3]) * 0.5
+    sx = ((b[..., 2] - b[..., 0]).clamp(min=0) * sigma_ratio).clamp(min=1.0)
+    sy = ((b[..., 3] - b[..., 1]).clamp(min=0) * sigma_ratio).clamp(min=1.0)
 
     xs = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) * stride  # (W,)
     ys = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) * stride  # (H,)
-    ex = (xs[None, :] - cx[:, None]).square() / (2.0 * sx[:, None].square())  # (K, W)
-    ey = (ys[None, :] - cy[:, None]).square() / (2.0 * sy[:, None].square())  # (K, H)
+    inf = torch.tensor(float("inf"), device=device)
+    ex = (xs[None, None, :] - cx[..., None]).square() / (2.0 * sx[..., None].square())  # (N, K, W)
+    ey = (ys[None, None, :] - cy[..., None]).square() / (2.0 * sy[..., None].square())  # (N, K, H)
+    ey = torch.where(valid[..., None], ey, inf)  # padding: exponent +inf, Gaussian 0
     if weights is not None:
-        w = weights.detach().reshape(-1).to(device=device, dtype=torch.float32)
-        if w.shape[0] != b.shape[0]:
-            raise ValueError(f"weights must have shape ({b.shape[0]},), got {tuple(weights.shape)}")
-        return (w[:, None, None] * torch.exp(-(ey[:, :, None] + ex[:, None, :]))).amax(dim=0)
+        w = pad_sequence([x.detach().reshape(-1).to(device=device, dtype=torch.float32) for x in weights],
+                         batch_first=True)  # (N, K), 0 on the padding
+        return (w[..., None, None] * torch.exp(-(ey[..., :, None] + ex[..., None, :]))).amax(dim=1)
     # exp is monotone: max_k exp(-e_k) = exp(-min_k e_k)
-    expo = (ey[:, :, None] + ex[:, None, :]).amin(dim=0)  # (H, W)
+    expo = (ey[..., :, None] + ex[..., None, :]).amin(dim=1)  # (N, H, W)
     return torch.exp(-expo)
 
 

@@ -45,7 +45,8 @@ from detectron2.utils.registry import Registry
 from torch import nn
 
 from ..config import ADAPTERS
-from ..losses import feature_imitation_loss, gaussian_mask
+from ..losses import feature_imitation_loss
+from ..losses import gaussian_masks as gaussian_masks_batch
 
 __all__ = [
     "DISTILL_METHOD_REGISTRY",
@@ -338,12 +339,6 @@ def gaussian_masks(
     """level -> (N,H,W): per image, the max over its GT boxes of a Gaussian around
     each box (sigma = sigma_ratio * box side, see :func:`d2_distill.losses.gaussian_mask`),
     each multiplied by its weight when ``weights`` (per image, (K,)) are given."""
-    out = {}
-    per_image = weights if weights is not None else [None] * len(gt_instances)
-    for lvl, shape in shapes.items():
-        h, w = shape[-2:]
-        out[lvl] = torch.stack(
-            [gaussian_mask(inst.gt_boxes.tensor, h, w, strides[lvl], sigma_ratio, weights=wt)
-             for inst, wt in zip(gt_instances, per_image)]
-        )
-    return out
+    boxes = [inst.gt_boxes.tensor for inst in gt_instances]
+    return {lvl: gaussian_masks_batch(boxes, shape[-2], shape[-1], strides[lvl], sigma_ratio, weights=weights)
+            for lvl, shape in shapes.items()}
