@@ -14,11 +14,12 @@ figures: AP bars with the students' detection-loss curves, and the three models'
 detections on the same validation images. Runs are cached in ``--output``:
 a finished run is reused, not retrained.
 
-The demo's regime is fixed so that a rerun anywhere on the same CPU type prints
-the same numbers: students of ``--iters`` 800 (a third of the recommended TAR
-schedule, half of TBD's; the tables in RESULTS.md use each config's own), the
-teacher trained with ``--threads`` 2 torch threads, the two students side by side
-(``--jobs`` 2) with half of them each. bfloat16 results depend on the thread
+The demo's regime is fixed so that a first run fits 30 min on 2 cores and a rerun
+on the same CPU type prints the same numbers: students of ``--iters`` 800 (half
+the configs' schedules; the tables in RESULTS.md use each config's own), the
+Faster R-CNN teacher at 2400 iterations (``--teacher-iters``; 3200 in the
+tables), the teacher trained with ``--threads`` 2 torch threads, the two students
+side by side (``--jobs`` 2) with half of them each. bfloat16 results depend on the thread
 count, which is why it is pinned rather than taken from the machine.
 
 ``--precision auto`` (the default) trains in bfloat16 autocast
@@ -36,6 +37,9 @@ from .runs import console_and_log
 
 DEMO_ITERS = 800  # student iterations: a first run (teacher included) within 30 min on 2 cores
 DEMO_THREADS = 2  # torch threads, pinned: bfloat16 results depend on the thread count
+# teachers trained shorter than their config for the demo (file name -> iterations):
+# the Faster R-CNN teacher's 3200 iterations alone take 23 min on 2 cores
+DEMO_TEACHER_ITERS = {"faster_rcnn_R34_FPN_teacher.yaml": 2400}
 
 
 def parse_args(argv=None):
@@ -52,6 +56,9 @@ def parse_args(argv=None):
                    help=f"torch threads of the teacher's training; each of the --jobs students side by side gets "
                         f"threads/jobs (default {DEMO_THREADS}: pinned, since bfloat16 results depend on it)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-iters", type=int, default=None,
+                   help="the teacher's schedule when the demo trains it (default: the demo's, "
+                        f"{DEMO_TEACHER_ITERS} or else the teacher config's own; 0: the config's own)")
     p.add_argument("--output", default="",
                    help="run cache and figure folder (default output/runs; output/runs_bf16 in bfloat16)")
     p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -82,6 +89,10 @@ def parse_args(argv=None):
         args.setup = lab.find_setup(found, args.method, args.config)
     except KeyError as e:
         p.error(f"--config: {e.args[0]}")
+    if args.teacher_iters is None:
+        args.teacher_iters = default_teacher_iters(args.setup)
+    if args.teacher_iters < 0:
+        p.error(f"--teacher-iters must be >= 0, got {args.teacher_iters}")
     args.precision = resolve_precision(args.precision)
     if not args.output:
         args.output = "output/runs_bf16" if args.precision == "bfloat16" else "output/runs"
@@ -99,15 +110,28 @@ def resolve_precision(precision: str) -> str:
     return "bfloat16" if not torch.cuda.is_available() and cpu_has_native_bf16() else "float32"
 
 
-def teacher_opts(setup, precision: str) -> list:
-    """The quickstart teacher's opts: none in float32; in bfloat16, autocast and a
-    folder of its own beside the float32 teacher of the lab's tables."""
-    if precision == "float32":
-        return []
+def default_teacher_iters(setup) -> int:
+    """The demo's teacher schedule: :data:`DEMO_TEACHER_ITERS` for its config, else 0 (the config's own)."""
+    return DEMO_TEACHER_ITERS.get(os.path.basename(setup.teacher_config), 0)
+
+
+def teacher_opts(setup, precision: str, iters: int = 0) -> list:
+    """The quickstart teacher's opts: none in float32 at its own schedule; in
+    bfloat16 autocast, and with ``iters`` (> 0) that schedule, its lr drops at the
+    same fractions as the config's; either way a folder of its own beside the
+    teacher of the lab's tables (``_bf16``, ``_<iters>it``)."""
     from d2_distill.engine import setup_cfg
 
-    folder = setup_cfg(setup.teacher_config, []).OUTPUT_DIR.rstrip("/") + "_bf16"
-    return ["SOLVER.AMP.ENABLED", "True", "OUTPUT_DIR", folder]
+    own = setup_cfg(setup.teacher_config, [])
+    opts, suffix = [], ""
+    if iters and iters != own.SOLVER.MAX_ITER:
+        steps = sorted({int(x * iters / own.SOLVER.MAX_ITER) for x in own.SOLVER.STEPS} - {0})
+        opts += ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", str(tuple(steps))]
+        suffix += f"_{iters}it"
+    if precision == "bfloat16":
+        opts += ["SOLVER.AMP.ENABLED", "True"]
+        suffix += "_bf16"
+    return opts + ["OUTPUT_DIR", own.OUTPUT_DIR.rstrip("/") + suffix] if suffix else []
 
 
 def measure(config_file: str, opts, weights: str, num_images: int, show: int = 0, detections=None) -> dict:
@@ -291,8 +315,9 @@ def _run(args, say):
         extra = ["SOLVER.AMP.ENABLED", "True", *extra]
     name = setup.method
     start = time.perf_counter()
-    say(f"[demo] 1/4 teacher ({setup.teacher_config}, {args.precision}, {args.threads} threads)")
-    teacher = lab.ensure_teacher(setup, args.teacher_weights, teacher_opts(setup, args.precision))
+    schedule = f"{args.teacher_iters} iterations, " if args.teacher_iters else ""
+    say(f"[demo] 1/4 teacher ({setup.teacher_config}, {schedule}{args.precision}, {args.threads} threads)")
+    teacher = lab.ensure_teacher(setup, args.teacher_weights, teacher_opts(setup, args.precision, args.teacher_iters))
     plain_row, full_row = lab.plain_row(setup), lab.full_row(setup)
     if args.jobs > 1:
         say(f"[demo] 2-3/4 plain and {name} students side by side ({iters} iterations, --jobs {args.jobs})")

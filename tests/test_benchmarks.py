@@ -377,6 +377,7 @@ def test_demo_accepts_any_discovered_method_in_any_case():
         (["SOLVER.MAX_ITER"], "KEY VALUE"),
         (["--precision", "fp16"], "invalid choice"),
         (["--threads", "0"], "--threads must be positive"),
+        (["--teacher-iters", "-1"], "--teacher-iters must be >= 0"),
     ],
 )
 def test_demo_bad_args(capsys, argv, message):
@@ -405,6 +406,21 @@ def test_demo_bfloat16_teacher_has_a_folder_of_its_own():
     cfg = setup_cfg(os.path.join(ROOT, setup.teacher_config), opts)
     assert cfg.SOLVER.AMP.ENABLED
     assert cfg.OUTPUT_DIR == setup_cfg(os.path.join(ROOT, setup.teacher_config)).OUTPUT_DIR + "_bf16"
+
+
+def test_demo_teacher_schedule():
+    """The TAR demo trains its teacher shorter (lr drops at the config's fractions,
+    a folder of its own); the TBD demo keeps its teacher's schedule; 0 = the config's own."""
+    tar = demo.parse_args(["--method", "tar"])
+    assert tar.teacher_iters == 2400 and demo.parse_args(["--method", "tbd"]).teacher_iters == 0
+    assert demo.parse_args(["--teacher-iters", "0"]).teacher_iters == 0
+    own = setup_cfg(os.path.join(ROOT, tar.setup.teacher_config))
+    cfg = setup_cfg(os.path.join(ROOT, tar.setup.teacher_config), demo.teacher_opts(tar.setup, "bfloat16", 2400))
+    assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (2400, (1950, 2250)) and cfg.SOLVER.AMP.ENABLED
+    assert cfg.OUTPUT_DIR == own.OUTPUT_DIR + "_2400it_bf16"
+    cfg = setup_cfg(os.path.join(ROOT, tar.setup.teacher_config), demo.teacher_opts(tar.setup, "float32", 2400))
+    assert cfg.SOLVER.MAX_ITER == 2400 and not cfg.SOLVER.AMP.ENABLED and cfg.OUTPUT_DIR == own.OUTPUT_DIR + "_2400it"
+    assert demo.teacher_opts(tar.setup, "float32", own.SOLVER.MAX_ITER) == []
 
 
 def test_detection_loss_excludes_the_methods_declared_losses():
