@@ -15,7 +15,7 @@ detections on the same validation images. Runs are cached in ``--output``:
 a finished run is reused, not retrained.
 
 The demo's regime is fixed so that a first run fits 30 min on 2 cores and a rerun
-on the same CPU type prints the same numbers: students of ``--iters`` 800 (half
+on the same CPU type prints the same numbers: students of ``--iters`` 700 (under half
 the configs' schedules; the tables in RESULTS.md use each config's own), the
 Faster R-CNN teacher at 2400 iterations (``--teacher-iters``; 3200 in the
 tables), the teacher trained with ``--threads`` 2 torch threads, the two students
@@ -35,7 +35,7 @@ import time
 from . import cli, parallel, setups as lab, stats
 from .runs import console_and_log
 
-DEMO_ITERS = 800  # student iterations: a first run (teacher included) within 30 min on 2 cores
+DEMO_ITERS = 700  # student iterations: a first run within 30 min, a teacher-cached one within 10, on 2 cores
 DEMO_THREADS = 2  # torch threads, pinned: bfloat16 results depend on the thread count
 # teachers trained shorter than their config for the demo (file name -> iterations):
 # the Faster R-CNN teacher's 3200 iterations alone take 23 min on 2 cores

@@ -34,6 +34,22 @@ PIP=("$PY" -m pip --disable-pip-version-check -q)
 
 USE_UV=""   # decided on the first install, so a complete .venv never touches the network
 
+# A complete environment is recognised by one interpreter (each check below
+# starts its own and imports torch again: about 40 s on a 2-core machine).
+if ready="$("$PY" - 2>/dev/null <<EOF
+import importlib.metadata as m
+import wheel, setuptools
+assert int(m.version("setuptools").split(".")[0]) < 81
+import torch, torchvision
+assert torch.__version__.startswith("$TORCH_VERSION") and torchvision.__version__.startswith("$TORCHVISION_VERSION")
+import detectron2, d2_distill, pytest, fvcore, iopath, pycocotools, cv2, matplotlib
+print("torch", torch.__version__, "detectron2", detectron2.__version__)
+EOF
+)"; then
+  say "environment ready: $VENV ($ready)"
+  exit 0
+fi
+
 # install ARGS...: `pip install ARGS` through uv when available, else (or when uv fails) pip.
 install() {
   if [ -z "$USE_UV" ]; then
