@@ -183,15 +183,17 @@ def test_head_terms_are_normalised_by_all_sampled_rois(frcnn_teacher_weights, mo
     assert losses["loss_tar_reg"].item() == pytest.approx(2.0 * mean_reg.item() * n_reg / sampled[0], rel=1e-5)
 
 
-def test_recommended_config_distils_only_the_classification_term(frcnn_teacher_weights):
-    """configs/quickstart/tar_faster_rcnn.yaml: TAR's classification term on shared
-    proposals, no feature adapters (nothing extra to train or export)."""
+def test_recommended_config_distils_two_adaptive_levels(frcnn_teacher_weights):
+    """configs/quickstart/tar_faster_rcnn.yaml: the gated, standardised feature level
+    and the classification term on shared proposals, no regression term; the
+    teacher's box head runs once for both (the gate and the KL)."""
     model = build(cfg_for("tar_faster_rcnn.yaml", teacher=frcnn_teacher_weights))
     box_head_calls = _count_calls(model.teacher.model.roi_heads.box_head)
     losses = _step(model, fake_batch(2))
-    assert set(k for k in losses if k.startswith("loss_tar")) == {"loss_tar_cls"}
-    assert len(box_head_calls) == 1 and model.method.feature is None
-    assert not list(model.method.parameters())
+    assert set(k for k in losses if k.startswith("loss_tar")) == {"loss_tar_feat", "loss_tar_cls"}
+    assert len(box_head_calls) == 1 and model.method.feature is not None
+    assert (model.method.feat_gate, model.method.feat_distance) == ("cls", "standardized")
+    assert all(torch.isfinite(v) for v in losses.values())
 
 
 def test_recommended_config_differs_from_the_papers_defaults_only_in_tar_options(frcnn_teacher_weights, monkeypatch):
@@ -202,7 +204,8 @@ def test_recommended_config_differs_from_the_papers_defaults_only_in_tar_options
 
     paper, tuned = (cfg_for(c, teacher=frcnn_teacher_weights) for c in ("tar_faster_rcnn_paper.yaml",
                                                                            "tar_faster_rcnn.yaml"))
-    assert changed_keys(paper, tuned) == {"DISTILL.TAR.FEAT_WEIGHT", "DISTILL.TAR.REG_WEIGHT", "DISTILL.TAR.TEMPERATURE",
+    assert changed_keys(paper, tuned) == {"DISTILL.TAR.FEAT_WEIGHT", "DISTILL.TAR.FEAT_GATE", "DISTILL.TAR.FEAT_DISTANCE",
+                                          "DISTILL.TAR.REG_WEIGHT", "DISTILL.TAR.TEMPERATURE",
                                           "DISTILL.SCHEDULE.KIND", "DISTILL.SCHEDULE.ITERS_PER_EPOCH", "OUTPUT_DIR"}
     from d2_distill.engine import setup_cfg
 
