@@ -174,10 +174,9 @@ def gaussian_masks(
 
     xs = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) * stride  # (W,)
     ys = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) * stride  # (H,)
-    inf = torch.tensor(float("inf"), device=device)
     ex = (xs[None, None, :] - cx[..., None]).square() / (2.0 * sx[..., None].square())  # (N, K, W)
     ey = (ys[None, None, :] - cy[..., None]).square() / (2.0 * sy[..., None].square())  # (N, K, H)
-    ey = torch.where(valid[..., None], ey, inf)  # padding: exponent +inf, Gaussian 0
+    ey = ey.masked_fill(~valid[..., None], float("inf"))  # padding: exponent +inf, Gaussian 0
     if weights is not None:
         w = pad_sequence([x.detach().reshape(-1).to(device=device, dtype=torch.float32) for x in weights],
                          batch_first=True)  # (N, K), 0 on the padding
