@@ -409,11 +409,14 @@ def test_demo_bfloat16_teacher_has_a_folder_of_its_own():
 
 
 def test_demo_teacher_schedule():
-    """The TAR demo trains its teacher shorter (lr drops at the config's fractions,
-    a folder of its own); the TBD demo keeps its teacher's schedule; 0 = the config's own."""
+    """The demo trains its teachers shorter (lr drops at the config's fractions,
+    a folder of its own); --teacher-iters 0 keeps the config's own."""
     tar = demo.parse_args(["--method", "tar"])
-    assert tar.teacher_iters == 2400 and demo.parse_args(["--method", "tbd"]).teacher_iters == 0
+    tbd = demo.parse_args(["--method", "tbd"])
+    assert tar.teacher_iters == 2400 and tbd.teacher_iters == 2400
     assert demo.parse_args(["--teacher-iters", "0"]).teacher_iters == 0
+    cfg = setup_cfg(os.path.join(ROOT, tbd.setup.teacher_config), demo.teacher_opts(tbd.setup, "bfloat16", 2400))
+    assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (2400, (1800, 2200))
     own = setup_cfg(os.path.join(ROOT, tar.setup.teacher_config))
     cfg = setup_cfg(os.path.join(ROOT, tar.setup.teacher_config), demo.teacher_opts(tar.setup, "bfloat16", 2400))
     assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (2400, (1950, 2250)) and cfg.SOLVER.AMP.ENABLED
