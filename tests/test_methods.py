@@ -119,3 +119,29 @@ def test_student_only_distiller_from_keyword_arguments():
     model.train()
     with EventStorage(0), pytest.raises(RuntimeError, match="has no teacher"):
         model(fake_batch(1))
+
+
+def test_pointwise_adapter_is_a_1x1_convolution():
+    """The conv1x1 adapter (a batched matrix product) computes what nn.Conv2d(kernel 1)
+    computes with the same parameters, values and gradients, and saves the same keys."""
+    from d2_distill.methods.base import PointwiseConv, build_adapter
+
+    torch.manual_seed(0)
+    adapter = build_adapter("conv1x1", 6, 10)
+    assert isinstance(adapter, PointwiseConv)
+    conv = torch.nn.Conv2d(6, 10, 1)
+    conv.load_state_dict(adapter.state_dict())
+    nn_bias = torch.randn(10)
+    with torch.no_grad():
+        adapter.bias.copy_(nn_bias)
+        conv.bias.copy_(nn_bias)
+    x = torch.randn(3, 6, 5, 7, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    ya, yc = adapter(x), conv(x2)
+    assert torch.allclose(ya, yc, atol=1e-5)
+    g = torch.randn_like(yc)
+    ya.backward(g)
+    yc.backward(g)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+    assert torch.allclose(adapter.weight.grad, conv.weight.grad, atol=1e-4)
+    assert torch.allclose(adapter.bias.grad, conv.bias.grad, atol=1e-4)

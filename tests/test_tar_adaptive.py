@@ -70,6 +70,20 @@ def test_standardized_imitation_ignores_channel_scale_and_shift():
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("standardize", [False, True])
+def test_imitation_under_autocast_keeps_float32(standardize):
+    """Under bfloat16 autocast (SOLVER.AMP.ENABLED) the loss's batched reductions
+    still run in float32: the same value as outside autocast."""
+    g = torch.Generator().manual_seed(1)
+    s = [torch.randn(2, 8, 16, 16, generator=g), torch.randn(2, 8, 8, 8, generator=g)]
+    tt = [x + 0.3 * torch.randn(x.shape, generator=g) for x in s]
+    m = [torch.rand(2, 16, 16, generator=g), torch.rand(2, 8, 8, generator=g)]
+    ref = feature_imitation_loss(s, tt, m, standardize=standardize)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = feature_imitation_loss(s, tt, m, standardize=standardize)
+    assert got.dtype == torch.float32 and torch.allclose(got, ref, rtol=1e-6, atol=0)
+
+
 def test_tar_object_gate_by_hand():
     teacher = t([0.9, 0.5, 0.2, 0.3, 0.4])
     student = t([0.5, 0.6, 0.1, 0.9, 0.4])

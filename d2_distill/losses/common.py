@@ -20,6 +20,8 @@ Boxes are ``(x0, y0, x1, y1)`` in pixels.
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Optional, Sequence
 
 import torch
@@ -53,6 +55,14 @@ def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
 def _check_rows(name: str, t: Tensor, rows: int) -> None:
     if t.dim() != 1 or t.shape[0] != rows:
         raise ValueError(f"{name} must have shape ({rows},), got {tuple(t.shape)}")
+
+
+def _no_autocast(device: torch.device):
+    """A context that switches autocast off on ``device`` where it is on (else nothing)."""
+    kind = device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.autocast(device_type=kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
@@ -197,11 +207,27 @@ def masked_standardize(x: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
     per image n and channel c (the mask-weighted mean and variance). An image
     whose mask is all zero gets mu = var = 0. The mask is detached.
     """
-    m = mask.detach().to(x.dtype)[:, None]  # (N, 1, H, W)
-    total = m.sum(dim=(2, 3), keepdim=True)  # (N, 1, 1, 1)
-    mu = _safe_div((m * x).sum(dim=(2, 3), keepdim=True), total)
-    var = _safe_div((m * (x - mu).square()).sum(dim=(2, 3), keepdim=True), total)
-    return (x - mu) / torch.sqrt(var + eps)
+    n, c, h, w = x.shape
+    with _no_autocast(x.device):
+        flat = _masked_standardize_flat(x.reshape(n, c, h * w), _mask_weights(mask.reshape(n, h * w), x.dtype), eps)
+    return flat.view(n, c, h, w)
+
+
+def _mask_weights(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(N, HW) soft mask -> (N, HW, 1) weights M / sum_hw M (0 where the sum is 0), detached."""
+    m = mask.detach().to(dtype)
+    total = m.sum(dim=1, keepdim=True)
+    return _safe_div(m, total.expand_as(m)).unsqueeze(-1)
+
+
+def _masked_standardize_flat(x: Tensor, weights: Tensor, eps: float) -> Tensor:
+    """(N, C, HW) standardised per image and channel with (N, HW, 1) normalised weights:
+    the mask-weighted moments as two batched mat-vec products (few full-size ops,
+    so that the backward stays cheap)."""
+    mu = torch.bmm(x, weights)  # (N, C, 1)
+    centred = x - mu
+    var = torch.bmm(centred.square(), weights)
+    return centred * torch.rsqrt(var + eps)
 
 
 def feature_imitation_loss(
@@ -237,6 +263,13 @@ def feature_imitation_loss(
         raise ValueError("feature_imitation_loss needs at least one level")
 
     acc = _acc_dtype(*student, *teacher)
+    # autocast would run the batched products in half precision: off (the inputs are
+    # cast to the accumulation dtype)
+    with _no_autocast(student[0].device):
+        return _feature_imitation_loss(student, teacher, masks, standardize, acc)
+
+
+def _feature_imitation_loss(student, teacher, masks, standardize: bool, acc: torch.dtype) -> Tensor:
     num = None
     den = None
     for lvl, (fs, ft, m) in enumerate(zip(student, teacher, masks)):
@@ -251,13 +284,16 @@ def feature_imitation_loss(
             raise ValueError(
                 f"level {lvl}: mask shape {tuple(m.shape)} != expected {(n, h, w)}"
             )
-        fs, ft = fs.to(acc), ft.detach().to(acc)
+        # (N, C, HW) views: the mask reductions are batched mat-vec products
+        fs, ft = fs.to(acc).reshape(n, c, h * w), ft.detach().to(acc).reshape(n, c, h * w)
+        mm = m.detach().to(acc).reshape(n, h * w, 1)
         if standardize:
-            fs, ft = masked_standardize(fs, m), masked_standardize(ft, m)
-        diff = fs - ft
-        sq = diff.square().sum(dim=1) / max(c, 1)  # (N, H, W)
-        mm = m.detach().to(acc)
-        lvl_num = (sq * mm).sum()
+            weights = _mask_weights(mm[..., 0], acc)
+            with torch.no_grad():
+                ft = _masked_standardize_flat(ft, weights, 1e-6)
+            fs = _masked_standardize_flat(fs, weights, 1e-6)
+        sq = torch.bmm((fs - ft).square(), mm)  # (N, C, 1): sum_hw M (F_S - F_T)^2
+        lvl_num = sq.sum() / max(c, 1)
         lvl_den = mm.sum()
         num = lvl_num if num is None else num + lvl_num
         den = lvl_den if den is None else den + lvl_den
