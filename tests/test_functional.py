@@ -213,6 +213,18 @@ class TestGaussianMask:
         # cell (5,6) centre (6.5,5.5): dx = 1 -> 1/2 -> e^-0.5 (sigma 0.25 would give e^-8)
         assert close(m[5, 6], math.exp(-0.5))
 
+    def test_far_tail_is_zero_not_subnormal(self):
+        # box (5,5,6,6), stride 1: sigma 1 (2 sigma^2 = 2); cell (5, 5+d) has e^(-d^2/2)
+        boxes = t([[5.0, 5.0, 6.0, 6.0]])
+        for m in (gaussian_mask(boxes, 12, 40, 1), gaussian_mask(boxes, 12, 40, 1, weights=t([1.0]))):
+            assert close(m[5, 5 + 7], math.exp(-24.5), tol=1e-15)  # 2.3e-11: above the floor, kept
+            assert torch.equal(m[5, 5 + 8:], torch.zeros(40 - 13))  # e^-32 = 1.3e-14 and beyond: 0
+            tiny = torch.finfo(torch.float32).tiny
+            assert not ((m > 0) & (m < tiny)).any()  # no subnormal anywhere
+            assert m[m > 0].min() >= 1e-12
+        # the floor applies after the weight: 0.01 * e^-24.5 = 2.3e-13 -> 0
+        assert float(gaussian_mask(boxes, 12, 40, 1, weights=t([0.01]))[5, 5 + 7]) == 0.0
+
     def test_float32_output_for_float64_boxes(self):
         m = gaussian_mask(t([[2.0, 2.0, 10.0, 10.0]], dtype=torch.float64), 4, 4, 4)
         assert m.dtype == torch.float32

@@ -21,6 +21,7 @@ Boxes are ``(x0, y0, x1, y1)`` in pixels.
 from __future__ import annotations
 
 import contextlib
+import math
 
 from typing import Optional, Sequence
 
@@ -125,6 +126,15 @@ def giou_loss_rowwise(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return 1.0 - giou
 
 
+# Gaussian mask values below this are 0. Far from its box a Gaussian reaches
+# subnormal floats (below 1.2e-38), and every product with a subnormal runs
+# about 100x slower on CPUs, which made the feature loss's backward cost more
+# than the rest of the method; next to the peak of 1, a float32 sum cannot see a
+# term of 1e-12.
+GAUSSIAN_FLOOR = 1e-12
+_GAUSSIAN_CAP = -math.log(GAUSSIAN_FLOOR) + 1.0  # exponent cap: exp(-cap) < floor
+
+
 def gaussian_mask(
     boxes: Tensor, height: int, width: int, stride: int, sigma_ratio: float = 0.25,
     *, weights: Optional[Tensor] = None,
@@ -147,7 +157,9 @@ def gaussian_mask(
 
         (centre (cx, cy), width w, height h of box k; sigma at least 1 px).
         All zeros when K == 0. Values lie in [0, 1]; the maximum is over
-        boxes (overlapping boxes do not add up).
+        boxes (overlapping boxes do not add up); values below
+        ``GAUSSIAN_FLOOR`` (1e-12) are 0 (the far tail, which would otherwise
+        fill the map with slow subnormal floats).
 
         ``weights`` (K,) in [0, 1], optional: ``M = max_k w_k * G_k`` instead
         (a per-object gate: w_k = 0 removes box k's Gaussian).
@@ -190,10 +202,13 @@ def gaussian_masks(
     if weights is not None:
         w = pad_sequence([x.detach().reshape(-1).to(device=device, dtype=torch.float32) for x in weights],
                          batch_first=True)  # (N, K), 0 on the padding
-        return (w[..., None, None] * torch.exp(-(ey[..., :, None] + ex[..., None, :]))).amax(dim=1)
-    # exp is monotone: max_k exp(-e_k) = exp(-min_k e_k)
-    expo = (ey[..., :, None] + ex[..., None, :]).amin(dim=1)  # (N, H, W)
-    return torch.exp(-expo)
+        # the exponent capped just past the floor: no subnormal exp in the (N, K, H, W) tensor
+        expo = (ey[..., :, None] + ex[..., None, :]).clamp(max=_GAUSSIAN_CAP)
+        mask = (w[..., None, None] * torch.exp(-expo)).amax(dim=1)
+    else:
+        # exp is monotone: max_k exp(-e_k) = exp(-min_k e_k)
+        mask = torch.exp(-(ey[..., :, None] + ex[..., None, :]).amin(dim=1))  # (N, H, W)
+    return mask.masked_fill_(mask < GAUSSIAN_FLOOR, 0.0)
 
 
 def masked_standardize(x: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
