@@ -211,7 +211,10 @@ def gaussian_masks(
     return mask.masked_fill_(mask < GAUSSIAN_FLOOR, 0.0)
 
 
-def masked_standardize(x: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
+STANDARDIZE_EPS = 1e-6  # the variance floor of masked_standardize and the standardised imitation
+
+
+def masked_standardize(x: Tensor, mask: Tensor, eps: float = STANDARDIZE_EPS) -> Tensor:
     """Per-channel standardisation of feature maps inside a soft mask.
 
     x (N, C, H, W), mask (N, H, W) non-negative -> (N, C, H, W):
@@ -305,8 +308,8 @@ def _feature_imitation_loss(student, teacher, masks, standardize: bool, acc: tor
         if standardize:
             weights = _mask_weights(mm[..., 0], acc)
             with torch.no_grad():
-                ft = _masked_standardize_flat(ft, weights, 1e-6)
-            fs = _masked_standardize_flat(fs, weights, 1e-6)
+                ft = _masked_standardize_flat(ft, weights, STANDARDIZE_EPS)
+            fs = _masked_standardize_flat(fs, weights, STANDARDIZE_EPS)
         sq = torch.bmm((fs - ft).square(), mm)  # (N, C, 1): sum_hw M (F_S - F_T)^2
         lvl_num = sq.sum() / max(c, 1)
         lvl_den = mm.sum()
