@@ -13,7 +13,8 @@ gradient dwarfs the ground-truth terms' on the same part drowns them: this is
 how the TAR head terms' normaliser was chosen (benchmarks/RESULTS.md). It also
 prints each distillation loss's gradient ratio to the sum of the detection losses
 on the student's backbone and head, what DISTILL.DIAGNOSTICS.GRAD_PERIOD logs
-during training.
+during training, and the share each adaptive gate keeps open on the same batches
+(``distill/*_rate``: objects, RoIs).
 Nothing is trained: the weights are the same after the run.
 """
 from __future__ import annotations
@@ -75,7 +76,8 @@ def measure(args) -> Dict:
     sums: Dict[str, Dict[str, float]] = defaultdict(lambda: defaultdict(float))
     ratio_sums: Dict[str, float] = defaultdict(float)
     data = iter(build_detection_train_loader(cfg))
-    with EventStorage(0):
+    # the storage stays at iteration 0, so the distiller logs its gates on every batch
+    with EventStorage(0) as storage:
         for _ in range(args.batches):
             losses = model(next(data))
             for name, loss in losses.items():
@@ -88,10 +90,12 @@ def measure(args) -> Dict:
             distill = {k: v for k, v in losses.items() if k not in DETECTION_LOSSES}
             for key, value in gradient_ratios(detection, distill, student_parts(model.student)).items():
                 ratio_sums[key] += value
+        rates = {k[len("distill/"):]: sum(v for v, _ in h.values()) / len(h.values())
+                 for k, h in sorted(storage.histories().items()) if k.startswith("distill/") and k.endswith("_rate")}
     table = {name: {k: v / args.batches for k, v in row.items()} for name, row in sorted(sums.items())}
     return {"config_file": args.config_file, "student_weights": args.student_weights or None,
             "batches": args.batches, "parts": list(parts), "losses": table,
-            "grad_ratios": {k: v / args.batches for k, v in sorted(ratio_sums.items())}}
+            "grad_ratios": {k: v / args.batches for k, v in sorted(ratio_sums.items())}, "gate_rates": rates}
 
 
 def markdown(result: Dict) -> str:
@@ -103,6 +107,9 @@ def markdown(result: Dict) -> str:
     if result.get("grad_ratios"):
         lines += ["", "| distillation loss / part | ‖∇ loss‖ / ‖∇ detection losses‖ |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in result["grad_ratios"].items()]
+    if result.get("gate_rates"):
+        lines += ["", "| gate | share of its candidates taught |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in result["gate_rates"].items()]
     return "\n".join(lines)
 
 

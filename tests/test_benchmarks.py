@@ -627,7 +627,12 @@ def test_loss_gradients_tiny_run(tmp_path, capsys, frcnn_teacher_weights):
     assert rows["loss_cls"]["roi_heads"] > 0 and rows["loss_cls"]["proposal_generator"] == 0
     assert json.loads(out.read_text())["losses"]["loss_tar_feat"]["backbone"] == pytest.approx(
         rows["loss_tar_feat"]["backbone"])
-    assert "| loss_tar_feat |" in capsys.readouterr().out
+    # the paper config's gates, averaged over the batches: the classification and regression ones
+    rates = result["gate_rates"]
+    assert set(rates) == {"tar_cls_gate_rate", "tar_reg_gate_rate"}
+    assert all(0.0 <= v <= 1.0 for v in rates.values())
+    printed = capsys.readouterr().out
+    assert "| loss_tar_feat |" in printed and "| tar_reg_gate_rate |" in printed
 
 
 def test_loss_gradients_needs_a_distiller():
